@@ -1,0 +1,206 @@
+"""``driftrec demo``: the whole loop on embedded defaults, on a fresh machine with no network.
+
+Starts the embedded broker, the LM scorer and the Faust worker(s) as child processes, publishes a
+synthetic catalogue, replays a synthetic world's interactions with a recommendation request every
+few events, and prints the recommendations as they arrive on the recommendations topic. Stops after
+``--events N`` (once every request has been answered, or a grace period passed) or on Ctrl-C, and
+stops every process it started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from driftrec.broker import broker, free_port
+from driftrec.settings import Settings
+
+
+def child_env(settings: Settings, bootstrap: str, run_dir: Path, **extra: str) -> dict[str, str]:
+    """Environment for a child process that should share this run's broker and stores."""
+    env = dict(os.environ)
+    env.update(
+        DRIFTREC_KAFKA__BOOTSTRAP_SERVERS=bootstrap,
+        DRIFTREC_KAFKA__BROKER_KIND="tansu" if settings.kafka.embedded else settings.kafka.broker_kind,
+        DRIFTREC_STREAM__DATA_DIR=str(run_dir / "streams"),
+        DRIFTREC_FEAST__REPO_DIR=str(run_dir / "feast"),
+        DRIFTREC_MODEL__ADAPTER_DIR=str(settings.model.adapter_dir if settings.model.adapter_dir.is_absolute()
+                                        else Path.cwd() / settings.model.adapter_dir),
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+class Children:
+    """Child processes that are stopped (TERM, then KILL) when the block exits."""
+
+    def __init__(self) -> None:
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, name: str, argv: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+        fh = open(log_path, "ab")
+        proc = subprocess.Popen([sys.executable, "-m", "driftrec.cli", *argv], env=env, stdout=fh,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        fh.close()
+        self.procs.append((name, proc))
+        return proc
+
+    def check(self) -> None:
+        for name, proc in self.procs:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with code {proc.returncode}; see its log")
+
+    def stop(self, timeout: float = 15.0) -> None:
+        for _, proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for _, proc in self.procs:
+            try:
+                proc.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def __enter__(self) -> "Children":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _wait_http(url: str, timeout: float, children: Children) -> bool:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        children.check()
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                if resp.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def run_demo(settings: Settings, *, events: int | None = 2000, workers: int = 1, users: int = 200, items: int = 400,
+             request_every: int = 50, rate: float = 500.0, scorer: bool = True, quiet: bool = False,
+             grace_s: float = 90.0) -> int:
+    from driftrec.world import World
+
+    world = World(n_users=users, n_items=items)
+    titles = {it.item_id: f"{it.title} ({'/'.join(it.genres)})" for it in world.items}
+    run_dir = Path(tempfile.mkdtemp(prefix="driftrec-demo-"))
+    t0 = time.monotonic()
+
+    def say(msg: str) -> None:
+        print(f"[{time.monotonic() - t0:6.1f}s] {msg}", flush=True)
+
+    try:
+        with broker(settings, share=True) as bootstrap, Children() as children:
+            say(f"broker: {'embedded Tansu on ' if settings.kafka.embedded else ''}{bootstrap}; logs in {run_dir}")
+            scorer_url = None
+            if scorer:
+                port = free_port()
+                scorer_url = f"http://127.0.0.1:{port}"
+                children.start("scorer", ["scorer", "--port", str(port)],
+                               child_env(settings, bootstrap, run_dir), run_dir / "scorer.log")
+            for w in range(workers):
+                children.start(f"worker-{w}", ["worker"], child_env(
+                    settings, bootstrap, run_dir, DRIFTREC_METRICS__PORT="0",
+                    DRIFTREC_SCORER__URL=scorer_url or "http://127.0.0.1:9",
+                    DRIFTREC_STREAM__DATA_DIR=str(run_dir / f"streams-{w}"),
+                ), run_dir / f"worker-{w}.log")
+            say(f"started {workers} worker(s)" + (f" and the LM scorer at {scorer_url}" if scorer else ""))
+            if scorer_url:
+                if _wait_http(f"{scorer_url}/readyz", 180, children):
+                    say("scorer ready")
+                else:
+                    say("scorer not ready after 180 s: recommendations use the fallback ranking")
+            stats = asyncio.run(_drive(settings, bootstrap, world, titles, events, request_every, rate,
+                                       scorer_url, children, say, quiet, grace_s))
+            say(f"done: {stats['events']} events, {stats['requests']} requests, "
+                f"{stats['answered']} recommendations ({stats['fallback']} fallback)")
+            return 0 if stats["answered"] > 0 else 1
+    except KeyboardInterrupt:
+        say("interrupted; stopping")
+        return 130
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+async def _drive(settings, bootstrap, world, titles, events, request_every, rate, scorer_url, children, say,
+                 quiet, grace_s) -> dict:
+    from driftrec.client import AsyncProducer, subscribe
+
+    stats = {"events": 0, "requests": 0, "answered": 0, "fallback": 0}
+    pending: set[str] = set()
+    done_producing = asyncio.Event()
+
+    async def consume() -> None:
+        agen = subscribe(settings, bootstrap_servers=bootstrap, from_beginning=True)
+        try:
+            async for rec in agen:
+                if rec.get("request_id") not in pending:
+                    continue
+                pending.discard(rec["request_id"])
+                stats["answered"] += 1
+                stats["fallback"] += bool(rec.get("fallback"))
+                if not quiet:
+                    picks = ", ".join(titles.get(i["item_id"], i["item_id"]) for i in rec["items"][:3])
+                    tag = "fallback" if rec.get("fallback") else f"adapter {rec.get('adapter_version') or 'base'}"
+                    say(f"{rec['user_id']:>6} <- {picks}  [{tag}]")
+                if done_producing.is_set() and not pending:
+                    return
+        finally:
+            await agen.aclose()
+
+    consumer = asyncio.create_task(consume())
+    async with AsyncProducer(settings, bootstrap_servers=bootstrap) as producer:
+        await producer.send_many(world.items)
+        say(f"published a catalogue of {len(world.items)} items")
+        interval = 1.0 / rate if rate > 0 else 0.0
+        started = time.monotonic()
+        futures = []
+        for ev in world.events(events if events is not None else 10**12, request_every=request_every):
+            wire = ev.to_wire()
+            wire["event_time"] = time.time()
+            if wire["type"] == "recommendation_request":
+                pending.add(wire["event_id"])
+                stats["requests"] += 1
+            else:
+                stats["events"] += 1
+            futures.append((await producer.send_nowait(wire))[1])
+            if len(futures) >= 500:
+                await asyncio.gather(*futures)
+                futures.clear()
+                children.check()
+            if interval:
+                ahead = started + (stats["events"] + stats["requests"]) * interval - time.monotonic()
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+        await asyncio.gather(*futures)
+    done_producing.set()
+    say(f"replayed {stats['events']} events and {stats['requests']} requests; waiting for the last answers")
+    try:
+        if pending:
+            await asyncio.wait_for(consumer, timeout=grace_s)
+        else:
+            consumer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await consumer
+    except asyncio.TimeoutError:
+        say(f"{len(pending)} requests unanswered after {grace_s:.0f} s")
+    return stats

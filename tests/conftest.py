@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from driftrec.broker import create_topics  # noqa: E402
+from tests.support import settings_for, start_broker, tansu_pids  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_broker_outlives_the_run():
+    """Every embedded broker a test starts is stopped by the end of the run."""
+    before = tansu_pids()
+    yield
+    leftover = tansu_pids() - before
+    assert not leftover, f"Tansu broker process(es) {sorted(leftover)} outlived the test run"
+
+
+@pytest.fixture
+def kafka(tmp_path):
+    """A fresh embedded Tansu broker with driftrec's topics; yields (bootstrap, settings)."""
+    emb = start_broker()
+    try:
+        settings = settings_for(emb.bootstrap_servers, tmp_path)
+        asyncio.run(create_topics(emb.bootstrap_servers, settings))
+        yield emb.bootstrap_servers, settings
+    finally:
+        emb.stop()
