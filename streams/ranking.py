@@ -92,8 +92,18 @@ class Ranker:
             top = sorted(pool.items(), key=lambda kv: (-kv[1], kv[0]))[: req.k]
         else:
             top = self.popularity.top(req.k, exclude)
+        items = [RecommendedItem(item_id=i, score=round(s, 6), reason=reason) for i, s in top]
+        if len(items) < req.k and not req.candidates:
+            # Nothing (or too little) seen yet on this worker: fill from the catalogue, newest first.
+            taken = {i.item_id for i in items} | exclude
+            fresh = sorted(self.app.catalogue.items.values(), key=lambda it: (-it.event_time, it.item_id))
+            for it in fresh:
+                if len(items) >= req.k:
+                    break
+                if it.item_id not in taken:
+                    items.append(RecommendedItem(item_id=it.item_id, score=0.0, reason="new in the catalogue"))
         return Ranked(
-            items=[RecommendedItem(item_id=i, score=round(s, 6), reason=reason) for i, s in top],
+            items=items,
             fallback=True,
             domain=req.domain or self.app.settings.model.default_domain,
         )
