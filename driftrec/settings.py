@@ -48,7 +48,7 @@ class TopicsSettings(_Section):
     recommendations: TopicSpec = TopicSpec(name="driftrec.recommendations")
     dead_letters: TopicSpec = TopicSpec(name="driftrec.dead-letters", partitions=1)
     adapters: TopicSpec = TopicSpec(name="driftrec.adapters", partitions=1)
-    # Validated events fan out here, keyed by user id (item events by item id): the pipeline's input.
+    # Interactions re-keyed by item id (batched per partition) for the item features stage.
     events: TopicSpec = TopicSpec(name="driftrec.events")
 
     def all(self) -> list[TopicSpec]:
@@ -117,6 +117,10 @@ class StreamSettings(_Section):
     batch_size: int = Field(default=1000, ge=1, le=100_000)
     batch_window_s: float = Field(default=0.05, gt=0, le=10)
     recent_items: int = Field(default=20, ge=1, le=500)
+    dedupe_ids: int = Field(default=512, ge=1, le=100_000,
+                            description="event ids remembered per user for idempotence (newest first)")
+    unknown_item_grace_s: float = Field(default=2.0, ge=0, le=60,
+                                        description="wait this long for the catalogue before rejecting an unknown item")
 
 
 class FeastSettings(_Section):
