@@ -1,0 +1,1 @@
+"""Helpers for driftrec's tests (not used at run time)."""
