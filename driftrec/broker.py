@@ -95,10 +95,12 @@ class EmbeddedBroker:
     port: int = 0
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
+    # Advertise another address than the listener (e.g. a proxy in front of it, for fault tests).
+    advertised_port: int | None = None
 
     @property
     def bootstrap_servers(self) -> str:
-        return f"{self.host}:{self.port}"
+        return f"{self.host}:{self.advertised_port or self.port}"
 
     def start(self, timeout_s: float = 30.0) -> "EmbeddedBroker":
         binary = tansu_binary()
@@ -109,7 +111,7 @@ class EmbeddedBroker:
             binary, "broker",
             "--storage-engine", "memory://tansu/",
             "--listener-url", url,
-            "--advertised-listener-url", url,
+            "--advertised-listener-url", f"tcp://{self.host}:{self.advertised_port or self.port}",
         ]
         log_fh = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         env = dict(os.environ, RUST_LOG=os.environ.get("DRIFTREC_TANSU_LOG", "warn"))
@@ -119,7 +121,7 @@ class EmbeddedBroker:
         if log_fh is not subprocess.DEVNULL:
             log_fh.close()
         try:
-            wait_until_ready(self.bootstrap_servers, timeout_s, proc=self.proc)
+            wait_until_ready(f"{self.host}:{self.port}", timeout_s, proc=self.proc)
         except BaseException:
             self.stop()
             raise

@@ -133,6 +133,10 @@ def run_demo(settings: Settings, *, events: int | None = 2000, workers: int = 1,
                                        scorer_url, children, say, quiet, grace_s))
             say(f"done: {stats['events']} events, {stats['requests']} requests, "
                 f"{stats['answered']} recommendations ({stats['fallback']} fallback)")
+            if stats["answered"] < stats["requests"]:
+                for log_file in sorted(run_dir.glob("*.log")):
+                    tail = log_file.read_text(errors="replace").splitlines()[-25:]
+                    print(f"--- last lines of {log_file.name} ---", *tail, sep="\n", file=sys.stderr)
             return 0 if stats["answered"] > 0 else 1
     except KeyboardInterrupt:
         say("interrupted; stopping")

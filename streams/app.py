@@ -16,7 +16,7 @@ import faust
 
 from driftrec.broker import is_tansu, patch_faust_for_tansu, session_timeouts
 from driftrec.settings import Settings
-from streams.catalogue import CatalogueFollower
+from streams.catalogue import CatalogueFollower, TopicFollower
 from streams.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,17 @@ class DriftrecApp(faust.App):
     pipeline: Pipeline
     catalogue: CatalogueFollower
     bootstrap_servers: str
+
+
+def follow(app: faust.App, follower: TopicFollower) -> TopicFollower:
+    """Run a follower as a task of the app (started and stopped with the worker)."""
+
+    async def run_follower() -> None:
+        await follower.run()
+
+    run_follower.__name__ = f"follow_{follower.name}"
+    app.task(run_follower)
+    return follower
 
 
 def create_app(settings: Settings, bootstrap_servers: str, *, agents: tuple[str, ...] = AGENT_MODULES) -> DriftrecApp:
@@ -68,12 +79,7 @@ def create_app(settings: Settings, bootstrap_servers: str, *, agents: tuple[str,
     app.settings = settings
     app.bootstrap_servers = bootstrap_servers
     app.pipeline = Pipeline()
-    app.catalogue = CatalogueFollower(settings, bootstrap_servers)
-
-    async def follow_catalogue() -> None:
-        await app.catalogue.run()
-
-    app.task(follow_catalogue)
+    app.catalogue = follow(app, CatalogueFollower(settings, bootstrap_servers))
     if os.environ.get("DRIFTREC_AGENTS"):  # development aid: a subset of agents
         agents = tuple(os.environ["DRIFTREC_AGENTS"].split(","))
     for name in agents:

@@ -6,6 +6,7 @@ the user's own items excluded: always available, cheap, and honest about being a
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ from streams.contracts import Click, Rating, RecommendationRequest, RecommendedI
 
 if TYPE_CHECKING:
     from streams.app import DriftrecApp
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -112,5 +115,164 @@ class Ranker:
         return self.fallback(req)
 
 
+class LoopRanker(Ranker):
+    """candidates -> Feast features -> LM scorer -> River correction -> top-k with reasons.
+
+    * Candidates: co-visitation item-kNN and time-decayed popularity, learnt from *every* worker's
+      interactions (an :class:`InteractionFollower` replays the clicks and ratings topics, so the
+      sources are global and survive restarts), plus the LM's own top items over the whole
+      catalogue, which is where items with few or no interactions come from.
+    * Features: the user's recent items from the Feast online store (written by the features stage
+      earlier in the same batch) are the history the LM reads; item features (mean rating, decayed
+      popularity) join the correction's inputs.
+    * Correction: a River model learns from feedback on what was shown (a click or a rating >= 4 on
+      a shown item is a positive, a low rating or the other shown items negatives) and gives the final
+      score once it has learnt enough; a River drift detector watches its error.
+    * When the scorer is down or slow, the fallback ranking answers, flagged and counted.
+    """
+
+    FEATURES = ("lm", "lm_rank", "itemknn", "dpop", "pop", "mean_rating")
+    MIN_LEARNED = 100
+
+    def __init__(self, app: "DriftrecApp") -> None:
+        super().__init__(app)
+        from model.candidates import DecayedPopularitySource, ItemKNNSource, PopularitySource
+        from model.corrections import RiverCorrector
+        from streams.catalogue import InteractionFollower
+        from streams.scorer_client import ScorerClient
+
+        s = app.settings
+        self.itemknn = ItemKNNSource(user_decay=0.9, max_history=50)
+        self.decayed = DecayedPopularitySource(half_life_s=s.feast.popularity_half_life_s)
+        self.counts = PopularitySource()
+        self.sources = (self.itemknn, self.decayed, self.counts)
+        self.corrector = RiverCorrector(min_updates=200)
+        self.corrector.on_drift(self._on_drift)
+        self.scorer = ScorerClient(s.scorer.base_url, s.scorer.timeout_s)
+        self.lm_k = min(100, s.scorer.max_k)
+        self.shown: OrderedDict[str, dict[str, dict[str, float]]] = OrderedDict()
+        self._reader = None
+        from streams.app import follow
+
+        self.follower = follow(app, InteractionFollower(s, app.bootstrap_servers))
+        self.follower.listen(self._learn_global)
+        app.catalogue.on_item(lambda it: [src.add_item(it.item_id) for src in self.sources])
+
+    # -- learning -------------------------------------------------------------------------------
+    def _learn_global(self, ev: Click | Rating) -> None:
+        rating = ev.rating if isinstance(ev, Rating) else None
+        if rating is not None and rating < 3:
+            return  # a dislike is no co-visitation signal
+        for src in self.sources:
+            src.learn_one(ev.user_id, ev.item_id, rating, ev.event_time)
+
+    def learn(self, ev: Click | Rating) -> None:
+        """Feedback on what this worker showed the user (its users are its partitions)."""
+        super().learn(ev)
+        shown = self.shown.get(ev.user_id)
+        if not shown or ev.item_id not in shown:
+            return
+        from driftrec import metrics
+
+        label = 1.0 if isinstance(ev, Click) or ev.rating >= 4 else 0.0
+        err = self.corrector.learn_one(shown.pop(ev.item_id), label)
+        if label:  # the items shown beside the chosen one are the negatives
+            for other in list(shown)[:3]:
+                self.corrector.learn_one(shown.pop(other), 0.0)
+        metrics.CORRECTION_ABS_ERROR.observe(err)
+        metrics.CORRECTION_ERROR.labels(domain=ev.domain or "default").set(err)
+
+    def _on_drift(self, event) -> None:
+        from driftrec import metrics
+
+        metrics.DRIFT_DETECTIONS.labels(domain="default", detector="adwin").inc()
+        log.warning("drift in the correction error after %d updates (#%d)", event.updates, event.count)
+
+    # -- ranking --------------------------------------------------------------------------------
+    def reader(self):
+        if self._reader is None:
+            from feature_store.reader import FeatureReader
+
+            self._reader = FeatureReader(self.app.settings)
+        return self._reader
+
+    async def rank(self, req: RecommendationRequest) -> Ranked:
+        from driftrec import metrics
+        from streams.scorer_client import ScorerUnavailable
+
+        user = req.user_id
+        try:
+            ufeat, _ = await self.reader().get_user_and_items_async(user, [])
+        except Exception:  # noqa: BLE001 - no features yet: the LM still ranks from an empty history
+            log.exception("feature read failed for a request")
+            ufeat = None
+        history = list((ufeat or {}).get("recent_items") or [])
+        seen = set(history) | self.seen(user)
+        exclude = seen if req.exclude_seen else set()
+        try:
+            lm = await self.scorer.recommend(user, [{"item_id": i} for i in history], k=self.lm_k,
+                                             domain=req.domain, exclude=sorted(exclude))
+        except ScorerUnavailable as exc:
+            metrics.FALLBACKS.labels(reason=exc.reason).inc()
+            return self.fallback(req, reason=f"popular right now (scorer unavailable: {exc.reason})")
+
+        lm_score = {it["item_id"]: float(it["score"]) for it in lm.items}
+        lm_reason = {it["item_id"]: it.get("reason", "") for it in lm.items}
+        lm_rank = {it["item_id"]: r for r, it in enumerate(lm.items)}
+        if req.candidates:
+            pool = [c for c in req.candidates if c not in exclude]
+        else:
+            pool = list(lm_score)
+            for src, n in ((self.itemknn, 50), (self.decayed, 20)):
+                got = src.candidates(user, n, exclude=exclude) if src.n_items else []
+                metrics.CANDIDATES.labels(source=src.name).inc(len(got))
+                pool += [i for i, _ in got]
+            metrics.CANDIDATES.labels(source="lm").inc(len(lm_score))
+            pool = list(dict.fromkeys(p for p in pool if p not in exclude))
+        if not pool:
+            return self.fallback(req)
+        try:
+            _, ifeat = await self.reader().get_user_and_items_async(user, pool)
+        except Exception:  # noqa: BLE001
+            ifeat = {}
+        knn = dict(zip(pool, self.itemknn.score_many(user, pool))) if self.itemknn.n_items else {}
+        floor = min(lm_score.values(), default=0.0)
+        rows = []
+        for item in pool:
+            f = ifeat.get(item) or {}
+            rows.append({
+                "lm": lm_score.get(item, floor),
+                "lm_rank": 1.0 / (1.0 + lm_rank[item]) if item in lm_rank else 0.0,
+                "itemknn": float(knn.get(item, 0.0)),
+                "dpop": math.log1p(float(f.get("popularity_now") or 0.0)),
+                "pop": math.log1p(float(f.get("rating_count") or 0) + float(f.get("click_count") or 0)),
+                "mean_rating": float(f.get("mean_rating") or 0.0),
+            })
+        if self.corrector.n_learned >= self.MIN_LEARNED:
+            import numpy as np
+
+            X = np.array([[r[n] for n in self.FEATURES] for r in rows])
+            scores = list(self.corrector.predict_many(X, self.FEATURES))
+        else:  # until feedback has taught the correction: the LM's order, co-visitation as tie-break
+            top_knn = max((r["itemknn"] for r in rows), default=0.0) or 1.0
+            scores = [0.7 * r["lm_rank"] + 0.3 * r["itemknn"] / top_knn for r in rows]
+        order = sorted(range(len(pool)), key=lambda j: (-scores[j], pool[j]))[: req.k]
+        items = []
+        for j in order:
+            item, r = pool[j], rows[j]
+            if r["itemknn"] > 0 and (r["lm_rank"] == 0 or r["itemknn"] / (max(knn.values(), default=1) or 1) > 0.5):
+                reason = "people who chose your recent items also chose this"
+            else:
+                reason = lm_reason.get(item) or "popular right now"
+            items.append(RecommendedItem(item_id=item, score=round(float(scores[j]), 6), reason=reason))
+        shown = {pool[j]: rows[j] for j in order}
+        self.shown[user] = shown
+        self.shown.move_to_end(user)
+        if len(self.shown) > self.max_users:
+            self.shown.popitem(last=False)
+        return Ranked(items=items, fallback=False, model_version=lm.model_version,
+                      adapter_version=lm.adapter_version, domain=lm.domain)
+
+
 def build_ranker(app: "DriftrecApp") -> Ranker:
-    return Ranker(app)
+    return LoopRanker(app)

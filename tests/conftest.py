@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 import pytest
 
@@ -17,8 +18,26 @@ def no_broker_outlives_the_run():
     """Every embedded broker a test starts is stopped by the end of the run."""
     before = tansu_pids()
     yield
-    leftover = tansu_pids() - before
+    time.sleep(0.5)
+    # New brokers that are ours (descendants of this run) or orphans; other runs on the machine are not.
+    leftover = {p for p in tansu_pids() - before if _ours_or_orphan(p)}
     assert not leftover, f"Tansu broker process(es) {sorted(leftover)} outlived the test run"
+
+
+def _ours_or_orphan(pid: int) -> bool:
+    me = os.getpid()
+    first = True
+    try:
+        while pid > 1:
+            with open(f"/proc/{pid}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            if ppid == me or (first and ppid == 1):
+                return True
+            first = False
+            pid = ppid
+    except (OSError, ValueError):
+        return False
+    return False
 
 
 @pytest.fixture

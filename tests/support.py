@@ -204,3 +204,72 @@ def start_broker() -> EmbeddedBroker:
 def tansu_pids() -> set[int]:
     out = subprocess.run(["pgrep", "-f", "tansu broker"], capture_output=True, text=True).stdout
     return {int(p) for p in out.split()}
+
+
+class TcpProxy:
+    """A loopback TCP forwarder that can be cut (connections dropped, new ones refused) and restored."""
+
+    def __init__(self, target_port: int, listen_port: int = 0) -> None:
+        import socket as _socket
+
+        self.target_port = target_port
+        if not listen_port:
+            with _socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                listen_port = s.getsockname()[1]
+        self.port = listen_port
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self._server = None
+        self._conns: set = set()
+        self.up()
+
+    def _call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)
+
+    async def _pipe(self, reader, writer):
+        try:
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    break
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    async def _handle(self, reader, writer):
+        try:
+            up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+        self._conns.update({writer, up_w})
+        await asyncio.gather(self._pipe(reader, up_w), self._pipe(up_r, writer))
+        self._conns.difference_update({writer, up_w})
+
+    async def _up(self):
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port, reuse_address=True)
+
+    async def _down(self):
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        for w in list(self._conns):
+            w.transport.abort()
+        self._conns.clear()
+
+    def up(self) -> None:
+        self._call(self._up())
+
+    def down(self) -> None:
+        self._call(self._down())
+
+    def close(self) -> None:
+        self.down()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)

@@ -1,0 +1,189 @@
+"""``driftrec bench``: the benchmark suite, one JSON + one Markdown table.
+
+Each benchmark is a module in ``bench/`` with ``run(settings, repeats) -> dict``; a figure is the
+median over ``repeats`` runs (the raw runs are kept in the JSON). The summary keys every issue
+refers to are always present (``null`` when not measured):
+
+``ingest_events_per_s`` and ``freshness_p99_ms`` (each ``{"sqlite": …, "redis": …}``),
+``score_p99_ms``, ``e2e_p99_ms``, ``swap_pause_p99_ms``, ``adapter_update_s``, ``workers_speedup``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+# name -> (module, what it measures)
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "ingest": ("bench.ingest", "events/s into the online store per worker, freshness p50/p99 (SQLite, Redis)"),
+    "scoring": ("bench.scoring", "LM scoring latency p50/p99 for 100 candidates; hot-swap pause p99"),
+    "e2e": ("bench.e2e", "event -> recommendation latency p50/p99 through broker, worker and scorer"),
+    "workers": ("bench.workers", "pipeline throughput with 1 vs 2 Faust workers"),
+    "adapter_update": ("bench.adapter_update", "trigger -> new adapter serving (train, gate, publish, swap)"),
+}
+
+TARGETS = {
+    "ingest_events_per_s.sqlite": (">=", 20_000), "ingest_events_per_s.redis": (">=", 20_000),
+    "freshness_p99_ms.sqlite": ("<=", 250), "freshness_p99_ms.redis": ("<=", 250),
+    "score_p99_ms": ("<=", 50), "swap_pause_p99_ms": ("<=", 30), "adapter_update_s": ("<=", 60),
+}
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
+                            "cpus": os.cpu_count()}
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+        with open("/proc/meminfo") as fh:
+            info["mem_gb"] = round(int(fh.readline().split()[1]) / 1024 / 1024, 1)
+    except OSError:
+        pass
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except ImportError:
+        info["gpu"] = None
+    return info
+
+
+def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median per numeric key (nested one level for per-store dicts)."""
+    out: dict[str, Any] = {}
+    keys = {k for r in runs for k in r}
+    for k in sorted(keys):
+        vals = [r[k] for r in runs if k in r]
+        if all(isinstance(v, dict) for v in vals):
+            out[k] = median_of(vals)
+        elif vals and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+            out[k] = statistics.median(vals)
+        elif vals:
+            out[k] = vals[-1]
+    return out
+
+
+def summary(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    ing = results.get("ingest", {})
+    sc = results.get("scoring", {})
+    return {
+        "ingest_events_per_s": {s: ing.get(s, {}).get("ingest_events_per_s") for s in ("sqlite", "redis")},
+        "freshness_p50_ms": {s: ing.get(s, {}).get("freshness_p50_ms") for s in ("sqlite", "redis")},
+        "freshness_p99_ms": {s: ing.get(s, {}).get("freshness_p99_ms") for s in ("sqlite", "redis")},
+        "score_p50_ms": sc.get("score_p50_ms"),
+        "score_p99_ms": sc.get("score_p99_ms"),
+        "swap_pause_p99_ms": sc.get("swap_pause_p99_ms"),
+        "e2e_p50_ms": results.get("e2e", {}).get("e2e_p50_ms"),
+        "e2e_p99_ms": results.get("e2e", {}).get("e2e_p99_ms"),
+        "adapter_update_s": results.get("adapter_update", {}).get("adapter_update_s"),
+        "workers_speedup": results.get("workers", {}).get("workers_speedup"),
+    }
+
+
+def verdicts(summ: dict[str, Any]) -> dict[str, str]:
+    out = {}
+    for key, (op, target) in TARGETS.items():
+        head, _, store = key.partition(".")
+        value = summ.get(head)
+        if store:
+            value = (value or {}).get(store)
+        if value is None:
+            out[key] = "not measured"
+        else:
+            ok = value >= target if op == ">=" else value <= target
+            out[key] = f"{'met' if ok else 'NOT met'} ({value:.4g} {op} {target})"
+    return out
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    s = doc["summary"]
+    m = doc["machine"]
+    fmt = lambda v: "—" if v is None else (f"{v:,.1f}" if isinstance(v, float) else str(v))  # noqa: E731
+    rows = [
+        ("ingest events/s per worker (SQLite / Redis)", f"{fmt(s['ingest_events_per_s']['sqlite'])} / {fmt(s['ingest_events_per_s']['redis'])}"),
+        ("freshness p50 ms (SQLite / Redis)", f"{fmt(s['freshness_p50_ms']['sqlite'])} / {fmt(s['freshness_p50_ms']['redis'])}"),
+        ("freshness p99 ms (SQLite / Redis)", f"{fmt(s['freshness_p99_ms']['sqlite'])} / {fmt(s['freshness_p99_ms']['redis'])}"),
+        ("LM scoring p50 / p99 ms (100 candidates)", f"{fmt(s['score_p50_ms'])} / {fmt(s['score_p99_ms'])}"),
+        ("hot-swap pause p99 ms", fmt(s["swap_pause_p99_ms"])),
+        ("event -> recommendation p50 / p99 ms", f"{fmt(s['e2e_p50_ms'])} / {fmt(s['e2e_p99_ms'])}"),
+        ("trigger -> new adapter serving s", fmt(s["adapter_update_s"])),
+        ("throughput 2 workers / 1 worker", fmt(s["workers_speedup"])),
+    ]
+    lines = [f"Machine: {m.get('cpu', '?')}, {m.get('cpus')} cores, {m.get('mem_gb', '?')} GB, GPU: {m.get('gpu') or 'none'}; "
+             f"repeats: {doc['repeats']}; {doc['elapsed_s']:.0f} s in all.", "", "| figure | value |", "|---|---|"]
+    lines += [f"| {a} | {b} |" for a, b in rows]
+    lines += ["", "| target | verdict |", "|---|---|"] + [f"| {k} | {v} |" for k, v in doc["verdicts"].items()]
+    if doc.get("errors"):
+        lines += ["", "Errors:"] + [f"- {k}: {v.splitlines()[-1] if v else ''}" for k, v in doc["errors"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="driftrec bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", help=f"comma-separated subset of: {', '.join(BENCHMARKS)}")
+    p.add_argument("--json", default="bench/results/latest.json", help="JSON output (Markdown beside it, .md)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per benchmark; figures are medians (default 3)")
+    p.add_argument("--config", help="YAML settings file")
+    args = p.parse_args(argv)
+    names = [n.strip() for n in args.only.split(",")] if args.only else list(BENCHMARKS)
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        p.error(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
+
+    from driftrec.settings import Settings
+
+    settings = Settings.load(config=args.config)
+    started = time.monotonic()
+    results: dict[str, dict[str, Any]] = {}
+    raw: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    for name in names:
+        module, what = BENCHMARKS[name]
+        print(f"== {name}: {what}", file=sys.stderr, flush=True)
+        try:
+            mod = importlib.import_module(module)
+            runs = mod.run(settings, repeats=args.repeats)
+            runs = runs if isinstance(runs, list) else [runs]
+            raw[name] = runs
+            results[name] = median_of(runs)
+            print(json.dumps(results[name], default=str)[:800], file=sys.stderr, flush=True)
+        except Exception:  # noqa: BLE001 - one failing benchmark must not hide the others
+            errors[name] = traceback.format_exc()
+            print(errors[name], file=sys.stderr, flush=True)
+    summ = summary(results)
+    doc = {
+        **summ,
+        "summary": summ,
+        "verdicts": verdicts(summ),
+        "results": results,
+        "runs": raw,
+        "errors": errors,
+        "machine": machine(),
+        "repeats": args.repeats,
+        "command": "driftrec bench " + " ".join(argv or sys.argv[1:]),
+        "elapsed_s": time.monotonic() - started,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n")
+    out.with_suffix(".md").write_text(markdown(doc))
+    print(markdown(doc))
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
