@@ -253,6 +253,33 @@ ONLINE_NDCG_AT_10 = Gauge(
     ["model"],
 )
 
+# ------------------------------------------------------------------------------- series priming
+
+
+def prime(domains=("default",), topics=()) -> None:
+    """Create the fixed label sets at 0, so dashboards and alerts see series before the first event.
+
+    (A labelled counter has no series until a label set is used; ``increase()`` over a series that
+    appears at 1 misses that first event, and "no data" cannot be told from "zero".)
+    """
+    for domain in domains:
+        CORRECTION_ERROR.labels(domain=domain)
+        DRIFT_DETECTIONS.labels(domain=domain, detector="adwin")
+        ROLLBACKS.labels(domain=domain)
+        for outcome in ("ok", "failed", "rejected"):
+            ADAPTER_SWAPS.labels(domain=domain, outcome=outcome)
+    for reason in ("checksum", "corrupt", "shape", "config", "missing_file", "too_large", "untrusted"):
+        CHECKPOINT_REJECTIONS.labels(reason=reason)
+    for reason in ("scorer_timeout", "scorer_error", "scorer_unavailable"):
+        FALLBACKS.labels(reason=reason)
+    for outcome in ("promoted", "rejected", "failed", "skipped"):
+        TRAINER_RUNS.labels(outcome=outcome)
+    ONLINE_HR_AT_10.labels(model="served")
+    ONLINE_NDCG_AT_10.labels(model="served")
+    for topic in topics:
+        CONSUMER_LAG.labels(topic=topic)
+
+
 # --------------------------------------------------------------------------------------- build
 
 BUILD_INFO = Info("driftrec_build", "driftrec build information (exposed as driftrec_build_info).")

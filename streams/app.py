@@ -85,5 +85,24 @@ def create_app(settings: Settings, bootstrap_servers: str, *, agents: tuple[str,
     for name in agents:
         module = __import__(name, fromlist=["register"])
         module.register(app)
+    from driftrec import metrics
+
+    inputs = [settings.topics.clicks.name, settings.topics.ratings.name, settings.topics.items.name,
+              settings.topics.requests.name]
+    metrics.prime(domains=(settings.model.default_domain,), topics=inputs)
+
+    @app.timer(interval=5.0)
+    async def export_consumer_lag() -> None:
+        """Messages behind the high watermark on this worker's partitions, per input topic."""
+        consumer = app.consumer
+        lag: dict[str, int] = {t: 0 for t in inputs}
+        for tp in consumer.assignment():
+            hw = consumer.highwater(tp)
+            read = consumer._read_offset.get(tp)
+            if hw is not None and tp.topic in lag:
+                lag[tp.topic] += max(int(hw) - (int(read) + 1 if read is not None else 0), 0)
+        for topic, value in lag.items():
+            metrics.CONSUMER_LAG.labels(topic=topic).set(value)
+
     log.info("driftrec app %s: pipeline stages %s", s.app_id, app.pipeline.stage_names)
     return app

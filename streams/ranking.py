@@ -150,7 +150,9 @@ class LoopRanker(Ranker):
         self.corrector.on_drift(self._on_drift)
         self.scorer = ScorerClient(s.scorer.base_url, s.scorer.timeout_s)
         self.lm_k = min(100, s.scorer.max_k)
-        self.shown: OrderedDict[str, dict[str, dict[str, float]]] = OrderedDict()
+        self.shown: OrderedDict[str, dict[str, dict]] = OrderedDict()
+        self.online: deque[tuple[bool, float]] = deque(maxlen=1000)
+        self.errors: deque[float] = deque(maxlen=500)
         self._reader = None
         from streams.app import follow
 
@@ -170,17 +172,26 @@ class LoopRanker(Ranker):
         """Feedback on what this worker showed the user (its users are its partitions)."""
         super().learn(ev)
         shown = self.shown.get(ev.user_id)
-        if not shown or ev.item_id not in shown:
+        if not shown:
             return
         from driftrec import metrics
 
-        label = 1.0 if isinstance(ev, Click) or ev.rating >= 4 else 0.0
-        err = self.corrector.learn_one(shown.pop(ev.item_id), label)
-        if label:  # the items shown beside the chosen one are the negatives
-            for other in list(shown)[:3]:
-                self.corrector.learn_one(shown.pop(other), 0.0)
+        positive = isinstance(ev, Click) or ev.rating >= 4
+        if positive:  # online quality of what was served: was the chosen item in the list, how high
+            rank = shown["rank"].get(ev.item_id)
+            self.online.append((rank is not None and rank < 10, 1.0 / math.log2(rank + 2) if rank is not None and rank < 10 else 0.0))
+            metrics.ONLINE_HR_AT_10.labels(model="served").set(sum(h for h, _ in self.online) / len(self.online))
+            metrics.ONLINE_NDCG_AT_10.labels(model="served").set(sum(n for _, n in self.online) / len(self.online))
+        feats = shown["features"]
+        if ev.item_id not in feats:
+            return
+        err = self.corrector.learn_one(feats.pop(ev.item_id), 1.0 if positive else 0.0)
+        if positive:  # the items shown beside the chosen one are the negatives
+            for other in list(feats)[:3]:
+                self.corrector.learn_one(feats.pop(other), 0.0)
+        self.errors.append(err)
         metrics.CORRECTION_ABS_ERROR.observe(err)
-        metrics.CORRECTION_ERROR.labels(domain=ev.domain or "default").set(err)
+        metrics.CORRECTION_ERROR.labels(domain=ev.domain or "default").set(sum(self.errors) / len(self.errors))
 
     def _on_drift(self, event) -> None:
         from driftrec import metrics
@@ -265,8 +276,8 @@ class LoopRanker(Ranker):
             else:
                 reason = lm_reason.get(item) or "popular right now"
             items.append(RecommendedItem(item_id=item, score=round(float(scores[j]), 6), reason=reason))
-        shown = {pool[j]: rows[j] for j in order}
-        self.shown[user] = shown
+        self.shown[user] = {"features": {pool[j]: rows[j] for j in order},
+                            "rank": {pool[j]: r for r, j in enumerate(order)}}
         self.shown.move_to_end(user)
         if len(self.shown) > self.max_users:
             self.shown.popitem(last=False)
