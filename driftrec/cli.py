@@ -128,9 +128,8 @@ def cmd_scorer(args) -> int:
     from model.server import run_scorer
 
     settings = _settings(args)
-    if args.port is not None:
-        settings.scorer.port = args.port
-    return run_scorer(settings) or 0
+    run_scorer(settings, catalogue_path=args.catalogue, host=args.host, port=args.port)
+    return 0
 
 
 def cmd_evaluate(args, rest) -> int:
@@ -188,7 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_subscribe)
 
     s = sub.add_parser("scorer", help="run the LM scorer HTTP server")
-    s.add_argument("--port", type=int, default=None, help="override scorer.port")
+    s.add_argument("--host", default=None, help="bind address (default scorer.host)")
+    s.add_argument("--port", type=int, default=None, help="port (default scorer.port)")
+    s.add_argument("--catalogue", default=None, help="JSON-lines file of items to load before serving "
+                   "(with a broker, the catalogue also follows the items topic)")
     s.set_defaults(func=cmd_scorer)
 
     s = sub.add_parser("evaluate", help="prequential-v1 replay of a MovieLens-format log (see `driftrec evaluate -h`)",

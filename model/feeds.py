@@ -1,8 +1,8 @@
-"""The scorer worker's Kafka feeds: the catalogue from the items topic, adapter announcements.
+"""The scorer worker's catalogue feed: items from the Kafka items topic into the scorer's catalogue.
 
-Both attach to the scorer's aiohttp app as background tasks when a broker is reachable (configured
-bootstrap servers, or a running embedded broker); a scorer without a broker is fed over HTTP
-(``POST /v1/items``) or from a catalogue file instead.
+Attached to the scorer's aiohttp app when a broker is reachable (configured bootstrap servers, or a
+running embedded broker); a scorer without one is fed from a catalogue file or over HTTP
+(``POST /v1/items``). Adapter announcements have their own consumer (:mod:`model.announcements`).
 """
 
 from __future__ import annotations
@@ -13,9 +13,20 @@ from typing import Any
 
 from aiohttp import web
 
-from streams.contracts import AdapterAnnouncement, Item
+from streams.contracts import Item
 
 log = logging.getLogger(__name__)
+
+
+def kafka_bootstrap(settings: Any) -> str | None:
+    """The broker this scorer should follow, or None when there is none."""
+    from driftrec.broker import BrokerError, broker
+
+    try:
+        with broker(settings, start=False) as bootstrap:
+            return bootstrap
+    except BrokerError:
+        return None
 
 
 async def feed_catalogue(settings: Any, bootstrap: str, catalogue, flush_every_s: float = 0.5) -> None:
@@ -37,52 +48,11 @@ async def feed_catalogue(settings: Any, bootstrap: str, catalogue, flush_every_s
         await asyncio.gather(task, return_exceptions=True)
 
 
-async def feed_adapters(settings: Any, bootstrap: str, scorer) -> None:
-    """Apply adapter announcements (activate / rollback) published after this scorer started."""
-    import json
-
-    from aiokafka import AIOKafkaConsumer
-
-    while True:
-        consumer = AIOKafkaConsumer(settings.topics.adapters.name, bootstrap_servers=bootstrap, group_id=None,
-                                    auto_offset_reset="latest", enable_auto_commit=False)
-        try:
-            await consumer.start()
-            async for msg in consumer:
-                try:
-                    data = json.loads(msg.value)
-                    data.pop("type", None)
-                    data.pop("schema_version", None)
-                    ann = AdapterAnnouncement(**data)
-                except (ValueError, TypeError) as exc:
-                    log.error("ignoring malformed adapter announcement at offset %s: %s", msg.offset, exc)
-                    continue
-                await scorer.on_announcement(ann)
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # noqa: BLE001 - broker away: retry
-            log.exception("adapter feed lost the broker; retrying in 1 s")
-            await asyncio.sleep(1.0)
-        finally:
-            await consumer.stop()
-
-
-def attach_feeds(app: web.Application, settings: Any, scorer, catalogue) -> bool:
-    """Start both feeds with the app when a broker is reachable; returns whether one was."""
-    from driftrec.broker import BrokerError, broker
-
-    try:
-        with broker(settings, start=False) as bootstrap:
-            pass
-    except BrokerError:
-        log.info("no Kafka broker: the scorer is fed over HTTP (POST /v1/items) and the adapter directory")
-        return False
+def attach_catalogue_feed(app: web.Application, settings: Any, bootstrap: str, catalogue) -> None:
     tasks: list[asyncio.Task] = []
 
     async def start(app: web.Application) -> None:
-        loop = asyncio.get_running_loop()
-        tasks.append(loop.create_task(feed_catalogue(settings, bootstrap, catalogue)))
-        tasks.append(loop.create_task(feed_adapters(settings, bootstrap, scorer)))
+        tasks.append(asyncio.get_running_loop().create_task(feed_catalogue(settings, bootstrap, catalogue)))
 
     async def stop(app: web.Application) -> None:
         for t in tasks:
@@ -91,5 +61,4 @@ def attach_feeds(app: web.Application, settings: Any, scorer, catalogue) -> bool
 
     app.on_startup.append(start)
     app.on_cleanup.append(stop)
-    log.info("scorer follows %s and %s on %s", settings.topics.items.name, settings.topics.adapters.name, bootstrap)
-    return True
+    log.info("scorer catalogue follows %s on %s", settings.topics.items.name, bootstrap)
