@@ -298,6 +298,7 @@ async def true_end_offsets(consumer, partitions) -> dict:
 
 
 _patched = False
+TANSU_FETCH_WAIT_MS = 50
 
 
 def patch_faust_for_tansu() -> None:
@@ -316,4 +317,20 @@ def patch_faust_for_tansu() -> None:
         return await true_end_offsets(consumer, partitions)
 
     thread_cls._highwaters = _highwaters
+
+    # Tansu answers a waiting fetch only when its max wait runs out, and Faust hard-codes 1,500 ms:
+    # every hop through a worker would wait that long. Cap the wait for Faust's consumers.
+    import types
+
+    import aiokafka
+
+    class _ShortWaitConsumer(aiokafka.AIOKafkaConsumer):
+        def __init__(self, *args, **kwargs):
+            kwargs["fetch_max_wait_ms"] = min(int(kwargs.get("fetch_max_wait_ms", 500)), TANSU_FETCH_WAIT_MS)
+            super().__init__(*args, **kwargs)
+
+    shim = types.ModuleType("aiokafka")
+    shim.__dict__.update(vars(aiokafka))
+    shim.AIOKafkaConsumer = _ShortWaitConsumer
+    faust_aiokafka.aiokafka = shim
     _patched = True

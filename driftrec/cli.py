@@ -144,6 +144,22 @@ def cmd_bench(args, rest) -> int:
     return bench_main(rest)
 
 
+def cmd_train(args, rest) -> int:
+    from model.training_worker import train_main
+
+    return train_main(rest + (["--config", args.config] if args.config else []))
+
+
+def cmd_experiment(args, rest) -> int:
+    if rest and rest[0] == "transfer":
+        from model.transfer import transfer_main
+
+        return transfer_main(rest[1:])
+    from model.experiment import experiment_main
+
+    return experiment_main(rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="driftrec",
@@ -196,6 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("evaluate", help="prequential-v1 replay of a MovieLens-format log (see `driftrec evaluate -h`)",
                        add_help=False)
     s.set_defaults(func=cmd_evaluate, passthrough=True)
+
+    s = sub.add_parser("train", help="incremental adapter training that follows drift (see `driftrec train -h`)",
+                       add_help=False)
+    s.set_defaults(func=cmd_train, passthrough=True)
+
+    s = sub.add_parser("experiment", help="experiments on the synthetic world: `drift` or `transfer` "
+                       "(`driftrec experiment drift --json FILE`)", add_help=False)
+    s.set_defaults(func=cmd_experiment, passthrough=True)
 
     s = sub.add_parser("bench", help="run the benchmarks (see `driftrec bench -h`)", add_help=False)
     s.set_defaults(func=cmd_bench, passthrough=True)

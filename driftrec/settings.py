@@ -184,6 +184,29 @@ class TrainerSettings(_Section):
     replay_buffer: int = Field(default=5000, ge=0)
     gate_tolerance: float = Field(default=0.02, ge=0, le=1)
     kg_alpha: float = Field(default=0.1, ge=0)
+    # Incremental training that follows drift (model/training_worker.py, model/gate.py).
+    negatives: int = Field(default=8, ge=0, le=1024, description="sampled catalogue negatives per step")
+    hard_negatives: int = Field(default=4, ge=0, le=100,
+                                description="shown-but-not-chosen recommended items kept per positive")
+    multitask: bool = Field(default=False, description="add a rating-regression head next to the click (InfoNCE) loss")
+    rating_weight: float = Field(default=0.5, ge=0, description="weight of the rating head's loss")
+    adversarial_eps: float = Field(default=0.0, ge=0, le=10,
+                                   description="FGM perturbation norm on the input embeddings (0 = off)")
+    augment: bool = Field(default=False, description="history augmentation: item dropout / reorder / masking")
+    augment_prob: float = Field(default=0.3, ge=0, le=1, description="per-example augmentation probability")
+    history_items: int = Field(default=10, ge=1, le=100, description="history items rendered into the user text")
+    window_events: int = Field(default=5000, ge=10, description="recent events read per training run")
+    context_events: int = Field(default=5000, ge=0,
+                                description="older events read before the window only to fill user histories")
+    holdout_frac: float = Field(default=0.2, gt=0, lt=1, description="newest share of the window used by the gate")
+    min_examples: int = Field(default=32, ge=1, description="skip a run with fewer training examples")
+    drift_trigger: bool = Field(default=True, description="train at once when online HR@10 drifts")
+    online_window: int = Field(default=200, ge=10, description="feedback events in the online HR@10 window")
+    rollback_min_count: int = Field(default=50, ge=1,
+                                    description="feedback events under a new adapter before a rollback is considered")
+    rollback_tolerance: float = Field(default=0.02, ge=0, le=1)
+    user_max_length: int = Field(default=64, ge=8, le=4096)
+    item_max_length: int = Field(default=40, ge=8, le=4096)
 
 
 class MetricsSettings(_Section):

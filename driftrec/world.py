@@ -33,6 +33,26 @@ TAGS = {
     "animation": ["kids", "family"], "mystery": ["whodunit", "crime"],
 }
 
+# A second vocabulary over the *same* genres (same taste structure), with other title words, nouns and
+# tags: e.g. a "books" domain next to the default (movie-like) one, for cross-domain transfer experiments.
+BOOK_TITLE_WORDS = {
+    "space": ["Astronaut", "Planet", "Cosmos", "Starship", "Lunar", "Satellite"],
+    "western": ["Ranch", "Prairie", "Gunslinger", "Mesa", "Stagecoach", "Rustler"],
+    "romance": ["Darling", "Beloved", "Passion", "Sweetheart", "Courtship", "Embrace"],
+    "horror": ["Haunting", "Grave", "Phantom", "Dread", "Coffin", "Wraith"],
+    "comedy": ["Jester", "Blunder", "Chuckle", "Farce", "Mischief", "Caper"],
+    "war": ["Regiment", "Bunker", "Invasion", "Brigade", "Sniper", "Armistice"],
+    "animation": ["Fairy", "Kitten", "Storybook", "Teddy", "Crayon", "Gnome"],
+    "mystery": ["Inspector", "Enigma", "Suspect", "Footprint", "Motive", "Verdict"],
+}
+BOOK_NOUNS = ["Tale", "Memoir", "Saga", "Diary", "Novel", "Almanac", "Anthology", "Papers", "Notebook", "Trilogy"]
+BOOK_TAGS = {
+    "space": ["science fiction", "planets"], "western": ["ranchers", "frontier life"],
+    "romance": ["romantic", "relationships"], "horror": ["gothic", "supernatural"],
+    "comedy": ["humour", "satire"], "war": ["military", "wartime"],
+    "animation": ["children's book", "illustrated"], "mystery": ["detective novel", "suspense"],
+}
+
 
 @dataclass
 class World:
@@ -46,21 +66,33 @@ class World:
     items: list[Item] = field(default_factory=list)
     tastes: list[dict[str, float]] = field(default_factory=list)
     shifted_tastes: list[dict[str, float]] = field(default_factory=list)
+    # Optional vocabulary (None = the module defaults GENRES / NOUNS / TAGS). ``title_words`` and ``tags``
+    # map every genre of GENRES to its words, so two worlds with different vocabularies share the genres
+    # and the taste structure but not the title words.
+    title_words: dict[str, list[str]] | None = None
+    nouns: list[str] | None = None
+    tags: dict[str, list[str]] | None = None
 
     def __post_init__(self) -> None:
         rng = random.Random(self.seed)
         genres = list(GENRES)
+        words = self.title_words or GENRES
+        nouns = self.nouns or NOUNS
+        tags = self.tags or TAGS
+        missing = [g for g in genres if not words.get(g) or not tags.get(g)]
+        if missing or not nouns:
+            raise ValueError(f"world vocabulary lacks title words/tags for genres {missing} or nouns")
         self.items = []
         for i in range(self.n_items):
             main = genres[i % len(genres)]
             extra = rng.choice([g for g in genres if g != main]) if rng.random() < 0.3 else None
             gs = [main] + ([extra] if extra else [])
-            title = f"{rng.choice(GENRES[main])} {rng.choice(NOUNS)}"
+            title = f"{rng.choice(words[main])} {rng.choice(nouns)}"
             if rng.random() < 0.3:
                 title += f" {rng.randint(2, 4)}"
             self.items.append(Item(
                 event_id=f"item-{self.domain}-{i}", event_time=self.start_time, item_id=self._iid(i), title=title,
-                genres=gs, year=rng.randint(1950, 2024), tags=list(TAGS[main]), domain=self.domain,
+                genres=gs, year=rng.randint(1950, 2024), tags=list(tags[main]), domain=self.domain,
             ))
         self.tastes = [self._taste(rng, genres) for _ in range(self.n_users)]
         # The shift: each user's favourite genres map to other genres (a fixed derangement).

@@ -601,6 +601,9 @@ class AdapterRegistry:
         src_version = self.active(from_domain) or (self.latest(from_domain).version if self.latest(from_domain) else None)
         if src_version is None:
             raise ValueError(f"domain {from_domain!r} has no adapter to start {new_domain!r} from")
+        if src_version in RESERVED_VERSIONS:  # the scorer marks a domain serving the bare base model as "base"
+            raise ValueError(f"domain {from_domain!r} serves the base model (no adapter) to start {new_domain!r} from; "
+                             f"a new domain without a seed serves the base model anyway")
         src = verify_checkpoint(self.path_for(from_domain, src_version), self.adapter_dir, load_tensors=False)
         version = version or f"from-{from_domain}-{src_version}"
         dest = self.path_for(new_domain, version)

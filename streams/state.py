@@ -73,14 +73,14 @@ class UserState:
     last_event_time: float = 0.0
     # [item_id, newest interaction time], newest first, distinct items, at most recent_items
     recent: list[list] = field(default_factory=list)
-    # event_id -> [position, event_time]
-    seen: dict[str, list] = field(default_factory=dict)
+    # event_id -> "position event_time" (one string: cheap to serialize, which happens per batch)
+    seen: dict[str, str] = field(default_factory=dict)
     seen_floor: float = float("-inf")
 
     def check(self, ev: Interaction) -> Verdict:
         hit = self.seen.get(ev.event_id)
         if hit is not None:
-            return Verdict.REDELIVERED if hit[0] == ev.position else Verdict.DUPLICATE
+            return Verdict.REDELIVERED if hit.partition(" ")[0] == ev.position else Verdict.DUPLICATE
         if ev.event_time <= self.seen_floor:
             return Verdict.LATE
         return Verdict.NEW
@@ -97,28 +97,36 @@ class UserState:
         if ev.event_time > self.last_event_time:
             self.last_event_time = ev.event_time
         self._add_recent(ev.item_id, ev.event_time, recent_items)
-        self.seen[ev.event_id] = [ev.position, ev.event_time]
+        self.seen[ev.event_id] = f"{ev.position} {ev.event_time!r}"
         if len(self.seen) > dedupe_ids + max(dedupe_ids // 4, 1):
             self._trim_seen(dedupe_ids)
         return verdict
 
     def _add_recent(self, item_id: str, t: float, limit: int) -> None:
-        for entry in self.recent:
+        recent = self.recent
+        if not recent or t > recent[0][1]:  # the common case, in-order events: newest goes first
+            for n, entry in enumerate(recent):
+                if entry[0] == item_id:
+                    del recent[n]
+                    break
+            recent.insert(0, [item_id, t])
+            del recent[limit:]
+            return
+        for entry in recent:
             if entry[0] == item_id:
                 if t <= entry[1]:
                     return
                 entry[1] = t
                 break
         else:
-            self.recent.append([item_id, t])
+            recent.append([item_id, t])
         # newest first; ties broken by item id so the order never depends on arrival
-        self.recent.sort(key=lambda e: (-e[1], e[0]))
-        del self.recent[limit:]
+        recent.sort(key=_recent_order)
+        del recent[limit:]
 
     def _trim_seen(self, keep: int) -> None:
-        by_time = sorted(self.seen.items(), key=lambda kv: (kv[1][1], kv[0]))
-        drop = by_time[: len(by_time) - keep]
-        for eid, (_pos, t) in drop:
+        by_time = sorted(((float(v.rpartition(" ")[2]), eid) for eid, v in self.seen.items()))
+        for t, eid in by_time[: len(by_time) - keep]:
             del self.seen[eid]
             if t > self.seen_floor:
                 self.seen_floor = t
@@ -159,16 +167,28 @@ class UserState:
                    float("-inf") if d.get("fl") is None else d["fl"])
 
 
+def _recent_order(e: list) -> tuple:
+    return (-e[1], e[0])
+
+
 def genre_profile(item_ids: Iterable[str], genres_of: Callable[[str], Sequence[str] | None],
                   top: int = GENRE_PROFILE_TOP) -> dict[str, float]:
     """Top genres over the items, each item's weight split evenly over its genres; weights sum to 1."""
     mass: dict[str, float] = {}
     for iid in item_ids:
-        genres = [g for g in (genres_of(iid) or ()) if g]
+        genres = genres_of(iid)
+        if not genres:
+            continue
+        if len(genres) == 1:
+            g = genres[0]
+            if g:
+                mass[g] = mass.get(g, 0.0) + 1.0
+            continue
+        genres = [g for g in dict.fromkeys(genres) if g]
         if not genres:
             continue
         w = 1.0 / len(genres)
-        for g in dict.fromkeys(genres):
+        for g in genres:
             mass[g] = mass.get(g, 0.0) + w
     if not mass:
         return {}

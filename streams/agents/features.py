@@ -8,19 +8,21 @@ the ingest agent's batches, not per event):
    cannot use (unknown item, non-finite or far-future time, non-finite rating) back to the ingest
    agent, which dead-letters it. Applies each event to the user's :class:`~streams.state.UserState`
    (deduplicated by event id; :mod:`streams.state`), forwards the interactions re-keyed by item id to
-   the ``topics.events`` topic (one message per target partition per batch, acknowledged before the
-   state is written), stores the touched user states in the ``features-users`` table
-   (changelogged) and writes one row per touched user to the online store.
+   the ``topics.events`` topic (one message per target partition per batch), stores the touched user
+   states in the ``features-users`` table (changelogged) and writes one row per touched user to the
+   online store.
 2. **Item step** - an agent over ``topics.events`` that applies the forwarded interactions to the
    item states (``features-items`` table, deduplicated by source offset) and writes one row per
    touched item per batch.
 
-Crash safety (at-least-once everywhere): the forward is acknowledged before the user state is
-stored, and the state is changelogged before offsets are committed (Faust flushes the producer
-before a commit). A crash anywhere replays the uncommitted records: the user memory recognises
-the ones already applied (``redelivered``) - they are forwarded again, and the item states, which
-remember the highest source offset applied per source partition, skip them. Online-store rows are
-a projection of the state (row = f(state)), so re-writing them after a replay is harmless.
+Crash safety (at-least-once everywhere): Faust flushes its producer (changelogs, forwards) before
+it commits offsets, and the stage hooks that flush so that it also waits for the online-store
+write in flight (writes overlap the next batch, one at a time, in order). So committed offsets
+imply durable state, forwards and rows. A crash replays the uncommitted records: the user memory
+recognises the ones already applied (``redelivered``) and forwards them again; the item states,
+which remember the highest source offset applied per source partition, skip what they already
+have. Online-store rows are a projection of the state (row = f(state)), so re-writing them after a
+replay is harmless.
 
 Table partitions: the changelog partition of a table key is the partition of the source record
 (clicks/ratings partition p -> users table partition p; events partition p -> items table
@@ -123,6 +125,14 @@ class FeaturesStage:
         self._pending_users: dict[str, dict] = {}
         self._pending_items: dict[str, dict] = {}
         self._catalogue_ready = False
+        self._inflight: asyncio.Future | None = None
+        # item id -> genres, cached while the catalogue tells us about changes
+        self._genres: dict[str, tuple | None] = {}
+        cat = getattr(app, "catalogue", None)
+        self._genres_cached = hasattr(cat, "on_item")
+        if self._genres_cached:
+            cat.on_item(self._on_catalogue_item)
+        self._commit_hooked = False
         self._skipped = {v: metrics.FEATURE_EVENTS_SKIPPED.labels(reason=v.value)
                          for v in (Verdict.REDELIVERED, Verdict.DUPLICATE, Verdict.LATE)}
         self._replayed = metrics.FEATURE_EVENTS_SKIPPED.labels(reason="replayed")
@@ -133,21 +143,32 @@ class FeaturesStage:
         self._users.clear()
         self._items.clear()
 
-    def _user_state(self, key: bytes) -> UserState:
+    def _user_state(self, key: bytes, topic: str, partition: int) -> UserState:
         st = self._users.get(key)
         if st is None:
-            if len(self._users) >= _CACHE_MAX:
-                self._users.clear()
-            st = self._users[key] = UserState.loads(self.users.get(key))
+            with in_partition(topic, partition):
+                raw = self.users.get(key)
+            st = self._users[key] = UserState.loads(raw)
         return st
 
-    def _item_state(self, key: bytes) -> ItemState:
+    def _item_state(self, key: bytes, topic: str, partition: int) -> ItemState:
         st = self._items.get(key)
         if st is None:
-            if len(self._items) >= _CACHE_MAX:
-                self._items.clear()
-            st = self._items[key] = ItemState.loads(self.items.get(key))
+            with in_partition(topic, partition):
+                raw = self.items.get(key)
+            st = self._items[key] = ItemState.loads(raw)
         return st
+
+    @staticmethod
+    def _store(table, touched: dict[bytes, tuple[str, int, str]], states: dict) -> None:
+        """Write the touched states to the table, one current-event context per source partition."""
+        by_partition: dict[tuple[str, int], list[bytes]] = defaultdict(list)
+        for key, (topic, partition, _id) in touched.items():
+            by_partition[(topic, partition)].append(key)
+        for (topic, partition), keys in by_partition.items():
+            with in_partition(topic, partition):
+                for key in keys:
+                    table[key] = states[key].dumps()
 
     # -- catalogue
     @property
@@ -155,9 +176,19 @@ class FeaturesStage:
         return getattr(self.app, "catalogue", None)
 
     def genres_of(self, item_id: str):
+        try:
+            return self._genres[item_id]
+        except KeyError:
+            pass
         cat = self.catalogue
         item = cat.get(item_id) if cat is not None else None
-        return item.genres if item is not None else None
+        genres = tuple(item.genres) if item is not None and item.genres else None
+        if self._genres_cached:  # only with change notifications from the catalogue
+            self._genres[item_id] = genres
+        return genres
+
+    def _on_catalogue_item(self, item) -> None:
+        self._genres.pop(getattr(item, "item_id", None), None)
 
     async def _known_items(self, batch: Sequence[Accepted]) -> set[str]:
         cat = self.catalogue
@@ -192,6 +223,8 @@ class FeaturesStage:
         batch = [a for a in batch if isinstance(a.event, (Click, Rating)) and a.topic in self.topic_codes]
         if not batch:
             return []
+        if len(self._users) >= _CACHE_MAX:  # only between batches: touched states live in the cache until stored
+            self._users.clear()
         now = time.time()
         _p0 = time.perf_counter()
         known = await self._known_items(batch)
@@ -212,8 +245,7 @@ class FeaturesStage:
                 source=source_code(self.topic_codes[acc.topic], acc.partition), offset=acc.offset,
             )
             key = ev.user_id.encode()
-            with in_partition(acc.topic, acc.partition):
-                state = self._user_state(key)
+            state = self._user_state(key, acc.topic, acc.partition)
             verdict = state.apply(inter, recent_items=self.settings.stream.recent_items,
                                   dedupe_ids=self.settings.stream.dedupe_ids)
             if verdict is Verdict.NEW:
@@ -223,28 +255,21 @@ class FeaturesStage:
             if verdict in (Verdict.NEW, Verdict.REDELIVERED):
                 forward[item_partition(ev.item_id, self.events_partitions)].append(ItemDelta.of(inter).to_list())
         _p2 = time.perf_counter()
-        # 1. forward (acknowledged) before the user state is stored: see the module docstring
-        if forward:
-            futures = [
-                await self.events_topic.send(key=b"features", value=json.dumps({"d": deltas}, separators=(",", ":")).encode(),
-                                             partition=p, force=True)
-                for p, deltas in sorted(forward.items())
-            ]
-            await asyncio.gather(*futures)
+        # 1. forward re-keyed by item (buffered; Faust flushes its producer before every offset commit)
+        self._hook_commit()
+        for p, deltas in sorted(forward.items()):
+            await self.events_topic.send(key=b"features", value=json.dumps({"d": deltas}, separators=(",", ":")).encode(),
+                                         partition=p, force=True)
         _p3 = time.perf_counter()
         # 2. state -> changelogged table
-        rows = []
-        for key, (topic, partition, user_id) in touched.items():
-            state = self._users[key]
-            with in_partition(topic, partition):
-                self.users[key] = state.dumps()
-            rows.append(state.feature_row(user_id, self.genres_of))
-        # 3. rows -> online store
+        self._store(self.users, touched, self._users)
+        rows = [self._users[key].feature_row(user_id, self.genres_of) for key, (_t, _p, user_id) in touched.items()]
+        # 3. rows -> online store, overlapping the next batch (see _submit)
         _p4 = time.perf_counter()
         if rows:
-            await self._write(rows, [])
+            await self._submit(rows, [])
         _p5 = time.perf_counter()
-        if _DEBUG:
+        if _DEBUG:  # DRIFTREC_FEATURES_DEBUG=1: per-batch phase timings (profiling aid)
             log.warning("features batch n=%d users=%d known=%.1fms apply=%.1fms fwd=%.1fms table=%.1fms write=%.1fms",
                         len(batch), len(rows), (_p1-_p0)*1e3, (_p2-_p1)*1e3, (_p3-_p2)*1e3, (_p4-_p3)*1e3, (_p5-_p4)*1e3)
         return rejections
@@ -252,6 +277,8 @@ class FeaturesStage:
     # -- step 2: items
     async def process_item_messages(self, messages: Sequence[tuple[str, int, bytes]]) -> int:
         """Apply forwarded interactions ``(topic, partition, value)``; returns the rows written."""
+        if len(self._items) >= _CACHE_MAX:
+            self._items.clear()
         touched: dict[bytes, tuple[str, int, str]] = {}
         for topic, partition, value in messages:
             try:
@@ -259,22 +286,18 @@ class FeaturesStage:
             except (ValueError, KeyError, TypeError, IndexError):
                 log.error("features: skipping a malformed message on %s[%d]", topic, partition)
                 continue
-            with in_partition(topic, partition):
-                for d in deltas:
-                    key = d.item_id.encode()
-                    state = self._item_state(key)
-                    if state.apply(d, half_life_s=self.half_life):
-                        touched[key] = (topic, partition, d.item_id)
-                    else:
-                        self._replayed.inc()
-        rows = []
-        for key, (topic, partition, item_id) in touched.items():
-            state = self._items[key]
-            with in_partition(topic, partition):
-                self.items[key] = state.dumps()
-            rows.append(state.feature_row(item_id))
+            for d in deltas:
+                key = d.item_id.encode()
+                state = self._item_state(key, topic, partition)
+                if state.apply(d, half_life_s=self.half_life):
+                    touched[key] = (topic, partition, d.item_id)
+                else:
+                    self._replayed.inc()
+        self._store(self.items, touched, self._items)
+        rows = [self._items[key].feature_row(item_id) for key, (_t, _p, item_id) in touched.items()]
         if rows:
-            await self._write([], rows)
+            self._hook_commit()
+            await self._submit([], rows)
         return len(rows)
 
     async def _write(self, user_rows: list[dict], item_rows: list[dict]) -> None:
@@ -301,9 +324,41 @@ class FeaturesStage:
                 log.warning("features: online-store write failed (attempt %d); retrying in %.1f s", attempt + 1, pause)
                 await asyncio.sleep(pause)
 
+    async def _submit(self, user_rows: list[dict], item_rows: list[dict]) -> None:
+        """Start writing rows once the previous write is done (one write in flight, in batch order).
+
+        The write of batch N overlaps the processing of batch N+1. It still completes before the
+        offsets of batch N are committed: :meth:`_hook_commit` makes the producer flush that Faust
+        runs before every commit wait for the write in flight too.
+        """
+        await self.drain()
+        self._inflight = asyncio.ensure_future(self._write(user_rows, item_rows))
+
+    async def drain(self) -> None:
+        """Wait for the online-store write in flight (if any)."""
+        task = self._inflight
+        if task is not None:
+            await asyncio.shield(task)
+            if self._inflight is task:
+                self._inflight = None
+
+    def _hook_commit(self) -> None:
+        """Offsets are committed only after the rows of their batches are in the online store."""
+        if self._commit_hooked:
+            return
+        producer = self.app.producer
+        flush = producer.flush
+
+        async def flush_then_commit() -> None:
+            await self.drain()
+            await flush()
+
+        producer.flush = flush_then_commit
+        self._commit_hooked = True
+
     async def flush_pending(self) -> None:
         if self._pending_users or self._pending_items:
-            await self._write([], [])
+            await self._submit([], [])
 
 
 def register(app: "DriftrecApp") -> FeaturesStage:

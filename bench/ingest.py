@@ -1,0 +1,333 @@
+"""Streaming features into the online store: sustained events/s per worker, and freshness.
+
+One real worker process (ingest + features agents only, ``DRIFTREC_AGENTS``) on the embedded
+broker (or the configured one), with the online store under test (SQLite file or Redis):
+
+1. **Throughput.** Once the worker has joined and written features (warm-up probes), a backlog of
+   ``n_events`` clicks/ratings is produced at full speed (~1 s) and the worker's metrics are polled:
+   the window runs from the first event counted as ingested
+   (``driftrec_events_ingested_total{outcome="ok"}``: counted once the user stage is done with it;
+   its user-row write may still be in flight) until the last one is and the item rows (one hop behind) stop moving.
+   ``ingest_events_per_s`` = events / that window (``..._user_rows``: up to the last ingested).
+2. **Freshness.** A paced stream at ``rate`` events/s (event time = send time) for ``seconds``;
+   freshness is the worker's own ``driftrec_feature_freshness_seconds{store}`` histogram (event
+   time -> row readable, observed per entity row right after each write), differenced over the
+   window; p50/p99 are interpolated within its buckets (0.25 s is a bucket boundary, so
+   ``freshness_le_250ms`` - the share at or under 250 ms - is exact).
+
+    run(settings, store="sqlite") -> {"ingest_events_per_s", "freshness_p50_ms", "freshness_p99_ms", ...}
+    run(settings, repeats=3)      -> [{"sqlite": {...}, "redis": {...}}, ...]   (bench.run's form)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.request import urlopen
+
+from driftrec.settings import Settings
+
+_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+([-+0-9.eEinfNa]+)$')
+
+
+def _scrape(port: int) -> list[tuple[str, dict[str, str], float]]:
+    text = urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out = []
+    for line in text.splitlines():
+        m = _SAMPLE.match(line)
+        if m:
+            labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
+            out.append((m.group(1), labels, float(m.group(3))))
+    return out
+
+
+def _metric(samples, name: str, **labels: str) -> float:
+    return sum(v for n, lab, v in samples if n == name and all(lab.get(k) == x for k, x in labels.items()))
+
+
+def _buckets(samples, store: str) -> list[tuple[float, float]]:
+    out = [(float("inf") if lab["le"] == "+Inf" else float(lab["le"]), v) for n, lab, v in samples
+           if n == "driftrec_feature_freshness_seconds_bucket" and lab.get("store") == store]
+    return sorted(out)
+
+
+def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
+    """Prometheus-style quantile from cumulative buckets (linear within a bucket)."""
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    total = buckets[-1][1]
+    rank = q * total
+    prev_le, prev_count = 0.0, 0.0
+    for le, count in buckets:
+        if count >= rank:
+            if le == float("inf"):
+                return prev_le
+            if count == prev_count:
+                return le
+            return prev_le + (le - prev_le) * (rank - prev_count) / (count - prev_count)
+        prev_le, prev_count = le, count
+    return prev_le
+
+
+def _diff(after, before):
+    b = dict(before)
+    return [(le, c - b.get(le, 0.0)) for le, c in after]
+
+
+class _World:
+    def __init__(self, n_users: int, n_items: int, seed: int = 5) -> None:
+        self.rng = random.Random(seed)
+        self.users = [f"bu{k}" for k in range(n_users)]
+        self.items = [f"bi{k}" for k in range(n_items)]
+        genres = ["space", "western", "romance", "horror", "comedy", "war", "animation", "mystery"]
+        self.catalogue = [{"type": "item", "event_id": f"bench-item-{k}", "event_time": time.time(), "item_id": iid,
+                           "title": f"Item {k}", "genres": [genres[k % 8], genres[(k * 3) % 8]]}
+                          for k, iid in enumerate(self.items)]
+
+    def event(self, t: float) -> dict:
+        r = self.rng
+        ev = {"event_id": uuid.uuid4().hex, "event_time": t, "user_id": r.choice(self.users),
+              "item_id": self.items[min(int(r.paretovariate(1.1)) - 1, len(self.items) - 1)] if r.random() < 0.5
+              else r.choice(self.items)}
+        if r.random() < 0.3:
+            ev.update(type="rating", rating=float(r.randint(1, 5)))
+        else:
+            ev["type"] = "click"
+        return ev
+
+
+async def _produce(bootstrap: str, settings: Settings, events: list[dict]) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    t = settings.topics
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=False,
+                                linger_ms=5, max_batch_size=256 * 1024)
+    await producer.start()
+    try:
+        futs = []
+        for ev in events:
+            topic = t.items.name if ev["type"] == "item" else t.ratings.name if ev["type"] == "rating" else t.clicks.name
+            key = (ev["item_id"] if ev["type"] == "item" else ev["user_id"]).encode()
+            futs.append(await producer.send(topic, json.dumps(ev, separators=(",", ":")).encode(), key=key))
+        await asyncio.gather(*futs)
+    finally:
+        await producer.stop()
+
+
+async def _paced(bootstrap: str, settings: Settings, world: _World, rate: float, seconds: float) -> int:
+    from aiokafka import AIOKafkaProducer
+
+    t = settings.topics
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks=1, enable_idempotence=False, linger_ms=2)
+    await producer.start()
+    sent = 0
+    try:
+        start = time.monotonic()
+        tick = 0.01
+        futs = []
+        while (elapsed := time.monotonic() - start) < seconds:
+            due = int(elapsed * rate) - sent
+            now = time.time()
+            for _ in range(max(due, 0)):
+                ev = world.event(now)
+                topic = t.ratings.name if ev["type"] == "rating" else t.clicks.name
+                futs.append(await producer.send(topic, json.dumps(ev, separators=(",", ":")).encode(),
+                                                key=ev["user_id"].encode()))
+                sent += 1
+            if len(futs) > 2000:
+                await asyncio.gather(*futs)
+                futs = []
+            await asyncio.sleep(tick)
+        await asyncio.gather(*futs)
+    finally:
+        await producer.stop()
+    return sent
+
+
+def _wait_port(log_path: Path, proc: subprocess.Popen, timeout: float = 90) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = re.search(r"metrics on 127\.0\.0\.1:(\d+)", log_path.read_text(errors="replace") if log_path.exists() else "")
+        if m:
+            return int(m.group(1))
+        if proc.poll() is not None:
+            raise RuntimeError(f"worker exited ({proc.returncode}):\n{log_path.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.2)
+    raise RuntimeError(f"no metrics port in {log_path}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def run_one(settings: Settings, store: str, *, n_events: int = 60_000, rate: float = 5000.0, seconds: float = 10.0,
+            n_users: int = 2000, n_items: int = 1000, timeout: float = 300.0,
+            agents: str = "streams.agents.ingest,streams.agents.features") -> dict[str, Any]:
+    """One store, one worker. ``agents`` other than the default is a diagnostic (e.g. ingest alone)."""
+    from driftrec.broker import broker
+    from driftrec.demo import child_env
+
+    if store == "redis":
+        from feature_store.redis import ping
+
+        if not ping(settings.feast.redis_url):
+            raise RuntimeError(f"Redis is not reachable at {settings.feast.redis_url}")
+    world = _World(n_users, n_items)
+    run_dir = Path(tempfile.mkdtemp(prefix=f"driftrec-bench-ingest-{store}-"))
+    proc = None
+    try:
+        with broker(settings) as bootstrap:
+            asyncio.run(_produce(bootstrap, settings, world.catalogue))
+            log_path = run_dir / "worker.log"
+            env = child_env(settings, bootstrap, run_dir, DRIFTREC_METRICS__PORT="0",
+                            DRIFTREC_AGENTS=agents,
+                            DRIFTREC_FEAST__ONLINE_STORE=store, DRIFTREC_FEAST__PROJECT=f"bench_{uuid.uuid4().hex[:8]}",
+                            DRIFTREC_FEAST__REDIS_KEY_TTL_S="3600", DRIFTREC_LOG_LEVEL="WARNING",
+                            **({"DRIFTREC_FEATURES_DEBUG": "1"} if os.environ.get("DRIFTREC_FEATURES_DEBUG") else {}))
+            with open(log_path, "ab") as fh:
+                proc = subprocess.Popen([sys.executable, "-m", "driftrec.cli", "worker"], env=env, stdout=fh,
+                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            port = _wait_port(log_path, proc)
+            # warm-up: the worker has joined and written features once
+            deadline = time.monotonic() + 120
+            while True:
+                asyncio.run(_produce(bootstrap, settings, [world.event(time.time()) for _ in range(20)]))
+                time.sleep(1.0)
+                s = _scrape(port)
+                if _metric(s, "driftrec_feature_rows_written_total", feature_view="item_features") > 0:
+                    break
+                if "features" not in agents and _metric(s, "driftrec_events_ingested_total", outcome="ok") > 0:
+                    break
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError(f"worker never wrote features:\n{log_path.read_text(errors='replace')[-3000:]}")
+            time.sleep(1.0)
+
+            # 1. throughput: a backlog of n_events
+            s0 = _scrape(port)
+            base_ok = _metric(s0, "driftrec_events_ingested_total", outcome="ok")
+            backlog = [world.event(time.time()) for _ in range(n_events)]
+            profiler = None
+            if os.environ.get("DRIFTREC_BENCH_PROFILE"):  # py-spy the worker through the throughput phase
+                profiler = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(proc.pid),
+                                             "-d", os.environ.get("DRIFTREC_BENCH_PROFILE_S", "15"), "-r", "100",
+                                             "-f", "raw", "-o", os.environ["DRIFTREC_BENCH_PROFILE"]],
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            produce_started = time.monotonic()
+            asyncio.run(_produce(bootstrap, settings, backlog))
+            produced_s = time.monotonic() - produce_started
+            t_first = t_last = None
+            items_rows = _metric(s0, "driftrec_feature_rows_written_total", feature_view="item_features")
+            items_still_since = None
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                s = _scrape(port)
+                done = _metric(s, "driftrec_events_ingested_total", outcome="ok") - base_ok
+                now = time.monotonic()
+                if done > 0 and t_first is None:
+                    t_first = now
+                if done >= n_events and t_last is None:
+                    t_last = now
+                rows = _metric(s, "driftrec_feature_rows_written_total", feature_view="item_features")
+                if t_last is not None:
+                    if rows != items_rows:
+                        items_rows, items_still_since = rows, now
+                    elif items_still_since is None:
+                        items_still_since = now
+                    elif now - items_still_since >= 0.5:
+                        break
+                time.sleep(0.05)
+            if profiler is not None:
+                profiler.wait(60)
+            if t_last is None:
+                raise RuntimeError(f"only part of the backlog was ingested in {timeout}s")
+            items_done = items_still_since or t_last
+            # the first event may have been ingested while the backlog was still being produced
+            span_users = t_last - (t_first or produce_started)
+            span_all = items_done - (t_first or produce_started)
+
+            # 2. freshness at a paced rate
+            time.sleep(1.0)
+            s1 = _scrape(port)
+            sent = asyncio.run(_paced(bootstrap, settings, world, rate, seconds))
+            time.sleep(1.0)
+            s2 = _scrape(port)
+            buckets = _diff(_buckets(s2, store), _buckets(s1, store))
+            total = buckets[-1][1] if buckets else 0
+            le250 = next((c for le, c in buckets if le == 0.25), 0.0)
+            p50 = histogram_quantile(0.5, buckets)
+            p99 = histogram_quantile(0.99, buckets)
+            ws = _metric(s2, "driftrec_feature_write_seconds_sum", store=store) - _metric(s1, "driftrec_feature_write_seconds_sum", store=store)
+            wc = _metric(s2, "driftrec_feature_write_seconds_count", store=store) - _metric(s1, "driftrec_feature_write_seconds_count", store=store)
+            _stop(proc)
+            return {
+                "store": store,
+                "ingest_events_per_s": n_events / span_all,
+                "ingest_events_per_s_user_rows": n_events / span_users,
+                "freshness_p50_ms": None if p50 is None else p50 * 1000,
+                "freshness_p99_ms": None if p99 is None else p99 * 1000,
+                "freshness_le_250ms": (le250 / total) if total else None,
+                "freshness_rows": total,
+                "paced_rate": sent / seconds,
+                "paced_write_ms_mean": (ws / wc * 1000) if wc else None,
+                "n_events": n_events,
+                "backlog_produce_s": produced_s,
+                "users": n_users,
+                "items": n_items,
+            }
+    finally:
+        if proc is not None:
+            _stop(proc)
+        if os.environ.get("DRIFTREC_BENCH_KEEP_LOG") and (run_dir / "worker.log").exists():
+            shutil.copy(run_dir / "worker.log", os.environ["DRIFTREC_BENCH_KEEP_LOG"])
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def run(settings: Settings, store: str | None = None, repeats: int = 1, **kw: Any):
+    """``store`` given: one flat result (the median-free single run); else per-store runs for bench.run."""
+    if store is not None:
+        return run_one(settings, store, **kw)
+    runs = []
+    for _ in range(repeats):
+        one: dict[str, Any] = {}
+        for s in ("sqlite", "redis"):
+            try:
+                one[s] = run_one(settings, s, **kw)
+            except RuntimeError as exc:
+                if s == "redis" and "not reachable" in str(exc):
+                    one[s] = {"skipped": str(exc)}
+                else:
+                    raise
+        runs.append(one)
+    return runs
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(description="driftrec ingest/freshness benchmark")
+    p.add_argument("--store", choices=["sqlite", "redis"], default=None)
+    p.add_argument("--events", type=int, default=60_000)
+    p.add_argument("--rate", type=float, default=5000.0)
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--agents", default="streams.agents.ingest,streams.agents.features",
+                   help="agent modules the worker runs (diagnostic: streams.agents.ingest alone)")
+    a = p.parse_args()
+    out = run(Settings.load(), store=a.store, n_events=a.events, rate=a.rate, seconds=a.seconds, agents=a.agents)
+    print(json.dumps(out, indent=2))

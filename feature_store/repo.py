@@ -1,0 +1,77 @@
+"""Generate the Feast repository config from driftrec settings and apply the definitions.
+
+No CLI step: :func:`open_store` writes ``feature_store.yaml`` into ``settings.feast.repo_dir``
+(project, file registry, file offline store, the online store from the backend module,
+``entity_key_serialization_version: 3``), builds a :class:`feast.FeatureStore` on it and applies
+:mod:`feature_store.definitions` (idempotent). ``import feast`` takes 3-4 s, so this module imports
+it lazily.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import yaml
+
+from driftrec.settings import Settings
+
+if TYPE_CHECKING:  # pragma: no cover
+    from feast import FeatureStore
+
+log = logging.getLogger(__name__)
+
+_apply_lock = threading.Lock()
+
+
+def backend_module(store: str):
+    if store == "sqlite":
+        from feature_store import sqlite as mod
+    elif store == "redis":
+        from feature_store import redis as mod
+    else:
+        raise ValueError(f"unknown online store {store!r} (sqlite|redis)")
+    return mod
+
+
+def repo_config(settings: Settings, store: str | None = None) -> dict:
+    """The ``feature_store.yaml`` content for these settings (as a dict)."""
+    f = settings.feast
+    store = store or f.online_store
+    repo_dir = Path(f.repo_dir).resolve()
+    return {
+        "project": f.project,
+        "provider": "local",
+        "registry": {"registry_type": "file", "path": str(repo_dir / "registry.db"), "cache_ttl_seconds": 0},
+        "online_store": backend_module(store).online_store_config(settings),
+        "offline_store": {"type": "file"},
+        "entity_key_serialization_version": 3,
+    }
+
+
+def write_repo_config(settings: Settings, store: str | None = None) -> Path:
+    repo_dir = Path(settings.feast.repo_dir).resolve()
+    (repo_dir / "offline").mkdir(parents=True, exist_ok=True)
+    path = repo_dir / "feature_store.yaml"
+    text = yaml.safe_dump(repo_config(settings, store), sort_keys=False)
+    if not path.is_file() or path.read_text() != text:
+        tmp = path.with_suffix(".yaml.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return repo_dir
+
+
+def open_store(settings: Settings, store: str | None = None, *, apply: bool = True) -> "FeatureStore":
+    """A FeatureStore on the generated repo; ``apply`` registers the definitions (idempotent)."""
+    from feast import FeatureStore
+
+    from feature_store import definitions
+
+    repo_dir = write_repo_config(settings, store)
+    fs = FeatureStore(repo_path=str(repo_dir))
+    if apply:
+        with _apply_lock:
+            fs.apply(definitions.objects(repo_dir))
+    return fs

@@ -1,0 +1,214 @@
+"""Online correction: the last stage of the ranking, learnt from every feedback event.
+
+A :class:`Corrector` maps a feature dict (LM score, item-kNN score, popularity, decayed popularity,
+recency, user/item biases, ...) to the final ranking score, and learns online from labelled examples
+(``y`` = 1 for an item the user went on to like, 0 for sampled negatives among the items that were
+ranked). This is the corrector seam; :class:`RiverCorrector` is the production implementation (a River
+pipeline, by default ``StandardScaler | LogisticRegression``), :class:`LinearBlendCorrector` a fixed,
+non-learning blend useful as a fallback and test double.
+
+Every corrector watches its own error stream with a River drift detector (:class:`DriftMonitor`,
+ADWIN by default). ADWIN readily fires while a model is still warming up, so detections before
+``min_updates`` errors are ignored. ``drift_detected`` says whether the latest update detected drift,
+``drift_count`` how many times; callbacks registered with :meth:`Corrector.on_drift` are called with a
+:class:`DriftEvent` so other components (the trainer, the metrics) can act.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+Features = Mapping[str, float]
+
+
+@dataclass(frozen=True)
+class DriftEvent:
+    """A drift detection: which monitor, after how many updates, and the recent mean error."""
+
+    name: str
+    update: int
+    count: int
+    error_mean: float
+
+
+class DriftMonitor:
+    """A River drift detector on an error stream, ignoring detections during warm-up."""
+
+    def __init__(self, detector=None, *, min_updates: int = 500, name: str = "corrector") -> None:
+        if detector is None:
+            from river import drift
+
+            detector = drift.ADWIN(delta=0.002)
+        self.detector = detector
+        self.min_updates = int(min_updates)
+        self.name = name
+        self.updates = 0
+        self.drift_count = 0
+        self.drift_detected = False
+        self.last_drift_at: int | None = None
+        self._callbacks: list[Callable[[DriftEvent], None]] = []
+        self._err_sum = 0.0
+        self._err_n = 0
+
+    def on_drift(self, callback: Callable[[DriftEvent], None]) -> None:
+        self._callbacks.append(callback)
+
+    def update(self, error: float) -> bool:
+        self.updates += 1
+        self._err_sum += error
+        self._err_n += 1
+        self.detector.update(float(error))
+        fired = bool(self.detector.drift_detected) and self.updates >= self.min_updates
+        self.drift_detected = fired
+        if fired:
+            self.drift_count += 1
+            self.last_drift_at = self.updates
+            event = DriftEvent(self.name, self.updates, self.drift_count, self._err_sum / max(self._err_n, 1))
+            self._err_sum, self._err_n = 0.0, 0
+            log.info("drift detected by %s after %d updates (#%d)", self.name, self.updates, self.drift_count)
+            for cb in list(self._callbacks):
+                try:
+                    cb(event)
+                except Exception:  # a failing listener must not break learning
+                    log.exception("drift callback failed")
+        return fired
+
+
+class Corrector(ABC):
+    """Online model from a feature dict to a ranking score (higher = better)."""
+
+    name: str = "corrector"
+
+    def __init__(self, *, drift_detector=None, min_updates: int = 500) -> None:
+        self.monitor = DriftMonitor(drift_detector, min_updates=min_updates, name=self.name)
+        self.n_learned = 0
+
+    # ------------------------------------------------------------------------------- model
+
+    @abstractmethod
+    def predict_one(self, x: Features) -> float:
+        """The score for one example (a probability-like value in [0, 1] for the River model)."""
+
+    @abstractmethod
+    def _learn_one(self, x: Features, y: float) -> None: ...
+
+    def learn_one(self, x: Features, y: float) -> float:
+        """Learn one labelled example; returns the error (|y - prediction| before learning)."""
+        err = abs(float(y) - float(self.predict_one(x)))
+        self._learn_one(x, y)
+        self.n_learned += 1
+        self.monitor.update(err)
+        return err
+
+    def predict_many(self, X: np.ndarray, names: Sequence[str]) -> np.ndarray:
+        """Scores for the rows of ``X`` (columns named ``names``); override for speed."""
+        return np.asarray([self.predict_one(dict(zip(names, map(float, row)))) for row in X])
+
+    # ------------------------------------------------------------------------------- drift
+
+    @property
+    def drift_detected(self) -> bool:
+        return self.monitor.drift_detected
+
+    @property
+    def drift_count(self) -> int:
+        return self.monitor.drift_count
+
+    def on_drift(self, callback: Callable[[DriftEvent], None]) -> None:
+        self.monitor.on_drift(callback)
+
+
+def default_river_model(learning_rate: float = 0.02, l2: float = 1e-5):
+    from river import compose, linear_model, optim, preprocessing
+
+    return compose.Pipeline(
+        preprocessing.StandardScaler(),
+        linear_model.LogisticRegression(optimizer=optim.SGD(learning_rate), l2=l2),
+    )
+
+
+class RiverCorrector(Corrector):
+    """A River classifier pipeline (default ``StandardScaler | LogisticRegression``).
+
+    The final score is the predicted probability that the user likes the item. For the default
+    pipeline, :meth:`predict_many` scores a whole candidate matrix in numpy with the same arithmetic
+    as River (the River objects stay the single source of truth for the state).
+    """
+
+    name = "river"
+
+    def __init__(self, model=None, *, learning_rate: float = 0.02, l2: float = 1e-5, drift_detector=None,
+                 min_updates: int = 500) -> None:
+        super().__init__(drift_detector=drift_detector, min_updates=min_updates)
+        self.model = model if model is not None else default_river_model(learning_rate, l2)
+
+    def predict_one(self, x: Features) -> float:
+        proba = self.model.predict_proba_one(dict(x))
+        return float(proba.get(True, proba.get(1, 0.0)))
+
+    def _learn_one(self, x: Features, y: float) -> None:
+        self.model.learn_one(dict(x), bool(y >= 0.5))
+
+    def _linear_parts(self):
+        """(scaler, logistic regression) when the pipeline is exactly that pair, else None."""
+        from river import linear_model, preprocessing
+
+        steps = list(getattr(self.model, "steps", {}).values())
+        if (
+            len(steps) == 2
+            and isinstance(steps[0], preprocessing.StandardScaler)
+            and isinstance(steps[1], linear_model.LogisticRegression)
+        ):
+            return steps[0], steps[1]
+        return None
+
+    def predict_many(self, X: np.ndarray, names: Sequence[str]) -> np.ndarray:
+        parts = self._linear_parts()
+        if parts is None:
+            return super().predict_many(X, names)
+        scaler, lr = parts
+        X = np.asarray(X, dtype=np.float64)
+        mean = np.array([scaler.means.get(n, 0.0) for n in names])
+        var = np.array([scaler.vars.get(n, 0.0) for n in names])
+        w = np.array([lr.weights.get(n, 0.0) for n in names])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            Z = np.where(var > 0, (X - mean) / np.sqrt(np.where(var > 0, var, 1.0)), 0.0)
+        logit = Z @ w + float(lr.intercept)
+        return 1.0 / (1.0 + np.exp(-np.clip(logit, -50, 50)))
+
+    def weights(self) -> dict[str, float]:
+        parts = self._linear_parts()
+        return dict(parts[1].weights) if parts else {}
+
+
+class LinearBlendCorrector(Corrector):
+    """A fixed weighted sum of features, squashed to (0, 1). Learns nothing but still monitors drift."""
+
+    name = "blend"
+
+    def __init__(self, weights: Mapping[str, float] | None = None, *, bias: float = 0.0, drift_detector=None,
+                 min_updates: int = 500) -> None:
+        super().__init__(drift_detector=drift_detector, min_updates=min_updates)
+        self.weights_ = dict(weights or {})
+        self.bias = float(bias)
+
+    def predict_one(self, x: Features) -> float:
+        if self.weights_:
+            z = self.bias + sum(w * float(x.get(k, 0.0)) for k, w in self.weights_.items())
+        else:
+            z = self.bias + sum(float(v) for v in x.values())
+        return 1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, z))))
+
+    def _learn_one(self, x: Features, y: float) -> None:
+        pass
+
+
+ALL_CORRECTORS = (RiverCorrector, LinearBlendCorrector)
