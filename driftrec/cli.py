@@ -59,7 +59,8 @@ def cmd_demo(args) -> int:
 
     return run_demo(_settings(args), events=args.events, workers=args.workers, users=args.users,
                     items=args.items, request_every=args.request_every, rate=args.rate,
-                    scorer=not args.no_scorer, quiet=args.quiet)
+                    scorer=not args.no_scorer, trainer=not args.no_trainer and not args.no_scorer,
+                    quiet=args.quiet)
 
 
 def cmd_produce(args) -> int:
@@ -178,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--request-every", type=int, default=50, help="a recommendation request every N events")
     s.add_argument("--rate", type=float, default=500.0, help="events per second to replay (default 500)")
     s.add_argument("--no-scorer", action="store_true", help="do not start the LM scorer (fallback ranking only)")
+    s.add_argument("--no-trainer", action="store_true", help="do not start the incremental adapter trainer")
     s.add_argument("--quiet", action="store_true", help="print a summary, not every recommendation")
     s.set_defaults(func=cmd_demo)
 

@@ -117,13 +117,19 @@ def run_demo(settings: Settings, *, events: int | None = 2000, workers: int = 1,
                 scorer_url = f"http://127.0.0.1:{port}"
                 children.start("scorer", ["scorer", "--port", str(port)],
                                child_env(settings, bootstrap, run_dir), run_dir / "scorer.log")
+            if trainer:
+                children.start("trainer", ["train"], child_env(
+                    settings, bootstrap, run_dir, DRIFTREC_METRICS__PORT="0",
+                    DRIFTREC_TRAINER__EVERY_EVENTS=str(max(500, (events or 2000) // 2)),
+                ), run_dir / "trainer.log")
             for w in range(workers):
                 children.start(f"worker-{w}", ["worker"], child_env(
                     settings, bootstrap, run_dir, DRIFTREC_METRICS__PORT="0",
                     DRIFTREC_SCORER__URL=scorer_url or "http://127.0.0.1:9",
                     DRIFTREC_STREAM__DATA_DIR=str(run_dir / f"streams-{w}"),
                 ), run_dir / f"worker-{w}.log")
-            say(f"started {workers} worker(s)" + (f" and the LM scorer at {scorer_url}" if scorer else ""))
+            say(f"started {workers} worker(s)" + (f", the LM scorer at {scorer_url}" if scorer else "")
+                + (" and the adapter trainer" if trainer else ""))
             if scorer_url:
                 if _wait_http(f"{scorer_url}/readyz", 180, children):
                     say("scorer ready")
