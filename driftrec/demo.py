@@ -96,7 +96,7 @@ def _wait_http(url: str, timeout: float, children: Children) -> bool:
 
 
 def run_demo(settings: Settings, *, events: int | None = 2000, workers: int = 1, users: int = 200, items: int = 400,
-             request_every: int = 50, rate: float = 500.0, scorer: bool = True, quiet: bool = False,
+             request_every: int = 50, rate: float = 500.0, scorer: bool = True, trainer: bool = True, quiet: bool = False,
              grace_s: float = 90.0) -> int:
     from driftrec.world import World
 
