@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from streams.contracts import Click, Rating, RecommendationRequest, RecommendedItem
@@ -29,53 +29,25 @@ class Ranked:
     domain: str = "default"
 
 
-@dataclass
-class DecayedPopularity:
-    """Exponentially time-decayed interaction counts.
-
-    Scores are stored growing (weight * 2^((t - t0) / half_life)) so that learning is O(1); the
-    order is the decayed order at any time, and :meth:`value` gives the decayed value at ``now``.
-    """
-
-    half_life_s: float = 86400.0
-    scores: dict[str, float] = field(default_factory=dict)
-    t0: float | None = None
-
-    def learn(self, item_id: str, t: float, weight: float = 1.0) -> None:
-        if self.t0 is None:
-            self.t0 = t
-        v = self.scores.get(item_id, 0.0) + weight * 2.0 ** ((t - self.t0) / self.half_life_s)
-        self.scores[item_id] = v
-        if v > 1e200:  # move the reference time forward so values stay in float range
-            shift = math.log2(v) - 10
-            self.scores = {k: x * 2.0 ** -shift for k, x in self.scores.items()}
-            self.t0 += shift * self.half_life_s
-
-    def value(self, item_id: str, now: float) -> float:
-        if self.t0 is None:
-            return 0.0
-        return self.scores.get(item_id, 0.0) * 2.0 ** (-(now - self.t0) / self.half_life_s)
-
-    def top(self, n: int, exclude: set[str] | frozenset[str] = frozenset()) -> list[tuple[str, float]]:
-        ranked = sorted(self.scores.items(), key=lambda kv: (-kv[1], kv[0]))
-        return [(i, s) for i, s in ranked if i not in exclude][:n]
-
-
 class Ranker:
     """Fallback ranker; later rankers subclass it and fall back to :meth:`fallback`."""
 
     def __init__(self, app: "DriftrecApp") -> None:
         self.app = app
+        from model.candidates import DecayedPopularitySource
+
         s = app.settings
-        self.popularity = DecayedPopularity(half_life_s=s.feast.popularity_half_life_s)
+        self.popularity = DecayedPopularitySource(half_life_s=s.feast.popularity_half_life_s)
         self.recent: OrderedDict[str, deque[str]] = OrderedDict()
         self.max_users = 100_000
         self.history_len = s.stream.recent_items
 
+    def learn_popularity(self, ev: Click | Rating) -> None:
+        if isinstance(ev, Click) or ev.rating >= 3:
+            self.popularity.learn_one(ev.user_id, ev.item_id, getattr(ev, "rating", None), ev.event_time)
+
     def learn(self, ev: Click | Rating) -> None:
-        weight = 1.0 if isinstance(ev, Click) else max(ev.rating - 2.5, 0.0)
-        if weight > 0:
-            self.popularity.learn(ev.item_id, ev.event_time, weight)
+        self.learn_popularity(ev)
         hist = self.recent.get(ev.user_id)
         if hist is None:
             hist = self.recent[ev.user_id] = deque(maxlen=self.history_len)
@@ -91,10 +63,10 @@ class Ranker:
     def fallback(self, req: RecommendationRequest, reason: str = "popular right now") -> Ranked:
         exclude = self.seen(req.user_id) if req.exclude_seen else set()
         if req.candidates:
-            pool = {c: self.popularity.scores.get(c, 0.0) for c in req.candidates if c not in exclude}
-            top = sorted(pool.items(), key=lambda kv: (-kv[1], kv[0]))[: req.k]
+            pool = [c for c in req.candidates if c not in exclude]
+            top = sorted(zip(pool, self.popularity.score_many(req.user_id, pool)), key=lambda kv: (-kv[1], kv[0]))[: req.k]
         else:
-            top = self.popularity.top(req.k, exclude)
+            top = [(i, sc) for i, sc in self.popularity.candidates(req.user_id, req.k, exclude=exclude) if sc > 0]
         items = [RecommendedItem(item_id=i, score=round(s, 6), reason=reason) for i, s in top]
         if len(items) < req.k and not req.candidates:
             # Nothing (or too little) seen yet on this worker: fill from the catalogue, newest first.
@@ -136,14 +108,14 @@ class LoopRanker(Ranker):
 
     def __init__(self, app: "DriftrecApp") -> None:
         super().__init__(app)
-        from model.candidates import DecayedPopularitySource, ItemKNNSource, PopularitySource
+        from model.candidates import ItemKNNSource, PopularitySource
         from model.corrections import RiverCorrector
         from streams.catalogue import InteractionFollower
         from streams.scorer_client import ScorerClient
 
         s = app.settings
         self.itemknn = ItemKNNSource(user_decay=0.9, max_history=50)
-        self.decayed = DecayedPopularitySource(half_life_s=s.feast.popularity_half_life_s)
+        self.decayed = self.popularity  # learnt from every worker's interactions (the follower below)
         self.counts = PopularitySource()
         self.sources = (self.itemknn, self.decayed, self.counts)
         self.corrector = RiverCorrector(min_updates=200)
@@ -167,6 +139,9 @@ class LoopRanker(Ranker):
             return  # a dislike is no co-visitation signal
         for src in self.sources:
             src.learn_one(ev.user_id, ev.item_id, rating, ev.event_time)
+
+    def learn_popularity(self, ev: Click | Rating) -> None:
+        pass  # the interaction follower feeds the global sources, this worker's events included
 
     def learn(self, ev: Click | Rating) -> None:
         """Feedback on what this worker showed the user (its users are its partitions)."""
