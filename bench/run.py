@@ -155,7 +155,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {name}: {what}", file=sys.stderr, flush=True)
         try:
             mod = importlib.import_module(module)
-            runs = mod.run(settings, repeats=args.repeats)
+            if getattr(mod, "REPEATS_ARE_SAMPLES", False):  # its `repeats` counts requests, not runs
+                runs = [mod.run(settings) for _ in range(args.repeats)]
+            else:
+                runs = mod.run(settings, repeats=args.repeats)
             runs = runs if isinstance(runs, list) else [runs]
             raw[name] = runs
             results[name] = median_of(runs)

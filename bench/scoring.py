@@ -92,6 +92,9 @@ def _make_adapters(scorer: LMScorer, adapter_dir: Path, versions: list[str]) -> 
         save_checkpoint(peft_model, adapter_dir, scorer.default_domain, version, {"metrics": {"bench": True}})
 
 
+REPEATS_ARE_SAMPLES = True  # driftrec bench calls run() once per repeat
+
+
 def run(
     settings: Any,
     repeats: int = 200,
