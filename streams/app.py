@@ -16,6 +16,7 @@ import faust
 
 from driftrec.broker import is_tansu, patch_faust_for_tansu, session_timeouts
 from driftrec.settings import Settings
+from streams import faust_fixes
 from streams.catalogue import CatalogueFollower, TopicFollower
 from streams.pipeline import Pipeline
 
@@ -48,6 +49,7 @@ def follow(app: faust.App, follower: TopicFollower) -> TopicFollower:
 
 
 def create_app(settings: Settings, bootstrap_servers: str, *, agents: tuple[str, ...] = AGENT_MODULES) -> DriftrecApp:
+    faust_fixes.apply()  # at-least-once needs a producer flush that really flushes (see the module)
     if is_tansu(settings):
         patch_faust_for_tansu()
     session_timeout, heartbeat = session_timeouts(settings)

@@ -194,11 +194,6 @@ def test_features_equal_ground_truth_and_replay_changes_nothing(kafka, tmp_path,
 
 
 @pytest.mark.faults  # issue 9 fault suite
-@pytest.mark.xfail(strict=False, reason=(
-    "KNOWN BUG, open: after a SIGKILL mid-stream the restarted worker sometimes ends a few events "
-    "short of the ground truth (seen once in CI: two interactions lost, e.g. 'user u52 click_count: "
-    "56 != 57'); offsets were committed before those events' table updates were durable. Passes in "
-    "most runs; must become a plain test once fixed."))
 def test_worker_killed_mid_stream_ends_at_ground_truth(kafka, tmp_path):
     """SIGKILL mid-stream; the restarted worker recovers the tables from their changelogs (Tansu's
     end-offset quirk patched) and replays what was not committed: the features end at the truth."""
