@@ -94,6 +94,15 @@ class EvalConfig:
     lm_history: int = 8
     user_refresh: int = 5000
     corrector_lr: float = 0.005
+    cold_threshold: int = 5
+    kg: str | None = None  # knowledge graph: a folder (*.kg [+ *.link]) or a triples file
+    kg_link: str | None = None  # link file when kg is a triples file
+    kg_format: str = "auto"
+    kg_alpha: float = 0.0  # weight of the TransE term in the adapter's objective, L = L_rec + alpha * L_KG
+    kg_gate: str = "auto"  # "auto": the warm-up validation decides whether the KG is used; "force": always
+    kg_gate_z: float = 2.0
+    kg_gate_k: int = 50
+    kg_gate_max_evals: int = 3000
     knn_user_decay: float = 0.9
     knn_pair_decay: float = 0.9
     knn_max_history: int = 60
@@ -113,9 +122,11 @@ class DriftrecSystem:
         "knn", "knn_seq", "knn_last", "pop", "dpop", "dpop_fast", "lm_nb", "lm_tt", "genre",
         "item_pos_rate", "item_recency", "item_age", "year_gap",
     )
+    KG_FEATURES = ("kg", "kg_cold")  # added when a knowledge graph is in use
 
-    def __init__(self, log_: RatingLog, cfg: EvalConfig, *, item_ids: list[str], trainer=None) -> None:
+    def __init__(self, log_: RatingLog, cfg: EvalConfig, *, item_ids: list[str], trainer=None, kg=None) -> None:
         self.cfg = cfg
+        self.feature_names = self.FEATURES + (self.KG_FEATURES if kg is not None else ())
         self.items = log_.items
         self.item_ids = item_ids
         self.index = {i: n for n, i in enumerate(item_ids)}
@@ -128,6 +139,12 @@ class DriftrecSystem:
                                      max_history=cfg.knn_max_history)
         self.lm_nb = LMTextNeighbourSource(item_ids, recent=10, user_decay=0.85)
         self.sources = [self.pop, self.dpop, self.dpop_fast, self.knn, self.knn_seq, self.lm_nb]
+        self.kg = None
+        if kg is not None:
+            from model.kg_candidates import KGCandidates
+
+            self.kg = KGCandidates(kg, item_ids, positive_threshold=cfg.positive_threshold)
+            self.sources.append(self.kg)
         self.corrector = RiverCorrector(learning_rate=cfg.corrector_lr, min_updates=2000)
         self.rng = np.random.default_rng(cfg.seed)
         # item side statistics
@@ -222,7 +239,7 @@ class DriftrecSystem:
         m = len(idx)
         hist = self.hist.get(user, [])
         nh = len(hist)
-        F = np.zeros((m, len(self.FEATURES)))
+        F = np.zeros((m, len(self.feature_names)))
         if nh:
             knn = self.knn.score_items(user, None if cols is None else idx) / nh
             w = self.cfg.knn_user_decay ** np.arange(min(nh, self.cfg.knn_max_history))
@@ -260,13 +277,19 @@ class DriftrecSystem:
             if len(ys):
                 yg = np.abs(self.years[idx] - ys.mean()) / 10.0
                 F[:, 12] = np.where(np.isnan(yg), 1.0, yg)
+        if self.kg is not None:
+            # items linked through the graph to the user's likes; kg_cold lets the corrector weigh
+            # the graph separately where interactions say little (items with few positives yet)
+            kg = np.log1p(self.kg.score_all(user, ts)[idx])
+            F[:, 13] = kg
+            F[:, 14] = np.where(self.n_pos[idx] < self.cfg.cold_threshold, kg, 0.0)
         return F
 
     # --------------------------------------------------------------------------- scoring
 
     def score_all(self, user: str, ts: float) -> np.ndarray:
         F = self.features(user, None, ts)
-        return self.corrector.predict_many(F, self.FEATURES)
+        return self.corrector.predict_many(F, self.feature_names)
 
     # -------------------------------------------------------------------------- learning
 
@@ -304,8 +327,8 @@ class DriftrecSystem:
             F = self.features(user, cols, ts)
             for r in range(1, len(cols)):
                 d = F[0] - F[r]
-                self.corrector.learn_one(dict(zip(self.FEATURES, d.tolist())), 1.0)
-                self.corrector.learn_one(dict(zip(self.FEATURES, (-d).tolist())), 0.0)
+                self.corrector.learn_one(dict(zip(self.feature_names, d.tolist())), 1.0)
+                self.corrector.learn_one(dict(zip(self.feature_names, (-d).tolist())), 0.0)
         for s in self.sources:
             s.learn_one(user, item, rating, ts)
         self.n_int[i] += 1
@@ -339,8 +362,89 @@ def _make_trainer(cfg: EvalConfig, negative_pool: list[str]):
     )
 
 
-def evaluate(log_: RatingLog, cfg: EvalConfig, *, progress: bool = True, trainer=None, diagnose: bool = False) -> dict:
-    """Run protocol prequential-v1 over ``log_``; returns the result dict (see module docstring)."""
+# ------------------------------------------------------------------------------ knowledge graph
+
+
+def load_eval_kg(cfg: EvalConfig, log_: RatingLog):
+    """The knowledge graph named by ``cfg.kg`` (RecBole atomic folder or files, or plain TSV), with the
+    catalogue's ids and titles, and its link/catalogue alignment check (``kg.alignment``)."""
+    from model.kg import check_alignment, load_kg
+
+    kg = load_kg(cfg.kg, cfg.kg_link, fmt=cfg.kg_format, item_ids=list(log_.items),
+                 titles={i: it.title for i, it in log_.items.items()})
+    kg.alignment = check_alignment(kg, {i: it.genres for i, it in log_.items.items()})
+    return kg
+
+
+def permuted_links(kg, seed: int = 0):
+    """The same graph with its item -> entity links shuffled among the linked items: a control with the
+    graph's structure (degrees, entity sizes) but no true item correspondence."""
+    items = sorted(kg.item_entity)
+    ents = [kg.item_entity[i] for i in items]
+    perm = np.random.default_rng(seed).permutation(len(items))
+    return kg.relinked({i: ents[j] for i, j in zip(items, perm)})
+
+
+def kg_gate(events: Sequence, kg, item_ids: list[str], cfg: EvalConfig, control=None) -> dict:
+    """Warm-up validation: does the KG candidate source rank the next liked item better than the same
+    graph with shuffled links?
+
+    A test-then-learn pass over ``events`` (the warm-up window only, so nothing from the evaluated
+    future is used): at (up to ``cfg.kg_gate_max_evals``, evenly spread) positives on items new to the
+    user, HR@``cfg.kg_gate_k`` of the item under the KG source and under the control
+    (:func:`permuted_links`). ``open`` when the paired mean difference is at least ``cfg.kg_gate_z``
+    standard errors above 0. A graph whose links do not match the catalogue (keyed by another
+    dataset's ids, say) does no better than its shuffled control and is kept out."""
+    from model.kg_candidates import KGCandidates
+
+    t0 = time.perf_counter()
+    control = control if control is not None else permuted_links(kg, cfg.seed)
+    srcs = [KGCandidates(kg, item_ids, positive_threshold=cfg.positive_threshold),
+            KGCandidates(control, item_ids, positive_threshold=cfg.positive_threshold)]
+    index = {i: n for n, i in enumerate(item_ids)}
+    seen: dict[str, set[int]] = {}
+    points = [p for p, e in enumerate(events) if e.rating >= cfg.positive_threshold]
+    step = max(1, math.ceil(len(points) / max(cfg.kg_gate_max_evals, 1)))
+    hits: list[tuple[float, float]] = []
+    npos = 0
+    for e in events:
+        i = index[e.item]
+        s_u = seen.setdefault(e.user, set())
+        if e.rating >= cfg.positive_threshold and i not in s_u:
+            npos += 1
+            if (npos - 1) % step == 0 and s_u:
+                allowed = np.ones(len(item_ids), dtype=bool)
+                allowed[list(s_u)] = False
+                hits.append(tuple(rank_metrics(src.score_all(e.user, e.timestamp), i, allowed, cfg.kg_gate_k)[0]
+                                  for src in srcs))
+        for src in srcs:
+            src.learn_one(e.user, e.item, e.rating, e.timestamp)
+        s_u.add(i)
+    h = np.asarray(hits, dtype=np.float64).reshape(-1, 2)
+    n = len(h)
+    d = h[:, 0] - h[:, 1] if n else np.zeros(0)
+    se = float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+    z = float(d.mean() / se) if n > 1 and se > 0 else 0.0
+    return {
+        "evaluations": n,
+        "k": cfg.kg_gate_k,
+        f"hr@{cfg.kg_gate_k}": float(h[:, 0].mean()) if n else 0.0,
+        f"hr@{cfg.kg_gate_k}_shuffled_links": float(h[:, 1].mean()) if n else 0.0,
+        "z": z,
+        "z_min": cfg.kg_gate_z,
+        "open": bool(n > 1 and z >= cfg.kg_gate_z),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def evaluate(log_: RatingLog, cfg: EvalConfig, *, progress: bool = True, trainer=None, diagnose: bool = False,
+             kg=None) -> dict:
+    """Run protocol prequential-v1 over ``log_``; returns the result dict (see module docstring).
+
+    ``kg`` (a :class:`model.kg.KnowledgeGraph`, else loaded from ``cfg.kg``): the KG candidate source
+    joins the ranking as features ``kg``/``kg_cold`` and, with ``cfg.kg_alpha > 0``, the adapter trains
+    on ``L_rec + kg_alpha * L_KG`` - both only when the warm-up gate (:func:`kg_gate`) opens, or with
+    ``cfg.kg_gate == "force"``."""
     t_start = time.perf_counter()
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -354,19 +458,53 @@ def evaluate(log_: RatingLog, cfg: EvalConfig, *, progress: bool = True, trainer
             index[e.item] = len(item_ids)
             item_ids.append(e.item)
 
+    kg_info: dict | None = None
+    use_kg = None
+    if kg is None and cfg.kg:
+        kg = load_eval_kg(cfg, log_)
+    if kg is not None:
+        if cfg.kg_gate not in ("auto", "force"):
+            raise ValueError(f"kg_gate must be 'auto' or 'force', not {cfg.kg_gate!r}")
+        gate = kg_gate(events[:n_warm], kg, item_ids, cfg)
+        use_kg = kg if (gate["open"] or cfg.kg_gate == "force") else None
+        kg_info = {
+            "path": cfg.kg,
+            "report": kg.report.summary(),
+            "stats": kg.stats(),
+            "alignment": kg.alignment,
+            "gate": {"mode": cfg.kg_gate, **gate},
+            "used": use_kg is not None,
+            "alpha": cfg.kg_alpha,
+            "alpha_effective": cfg.kg_alpha if use_kg is not None and cfg.use_lm else 0.0,
+        }
+        log.info("knowledge graph %s: warm-up gate %s (HR@%d %.4f vs %.4f with shuffled links, z=%.2f); %s",
+                 cfg.kg, "open" if gate["open"] else "closed", cfg.kg_gate_k, gate[f"hr@{cfg.kg_gate_k}"],
+                 gate[f"hr@{cfg.kg_gate_k}_shuffled_links"], gate["z"],
+                 "used" if use_kg is not None else "not used")
+
     if cfg.use_lm and trainer is None:
         if cfg.threads:
             import torch
 
             torch.set_num_threads(cfg.threads)
         trainer = _make_trainer(cfg, [log_.items[i].text() for i in item_ids])
-    system = DriftrecSystem(log_, cfg, item_ids=item_ids, trainer=trainer if cfg.use_lm else None)
+    if use_kg is not None and cfg.use_lm and trainer is not None and cfg.kg_alpha > 0:
+        from model.kg_loss import attach_kg_loss
+
+        attach_kg_loss(trainer, use_kg, {i: log_.items[i].text() for i in item_ids if i in log_.items},
+                       alpha=cfg.kg_alpha)
+    system = DriftrecSystem(log_, cfg, item_ids=item_ids, trainer=trainer if cfg.use_lm else None, kg=use_kg)
     baselines = {"popularity": system.pop, "decayed_popularity": system.dpop, "itemknn": system.knn}
 
     names = [SYSTEM, *BASELINES]
     hr = {n: [] for n in names}
     ndcg = {n: [] for n in names}
     eval_ts: list[float] = []
+    # per evaluation: the target's positives before this event (cold when < cfg.cold_threshold), its
+    # interactions before it, and how many of driftrec's top-k had no interaction at all yet
+    eval_prior_pos: list[int] = []
+    eval_prior_int: list[int] = []
+    top_unseen: list[int] = []
     lm_updates: list[dict] = []
     pending: list = []
     positives_seen = 0
@@ -385,6 +523,8 @@ def evaluate(log_: RatingLog, cfg: EvalConfig, *, progress: bool = True, trainer
         system.refresh_all_users()
         d = stats.as_dict()
         d.update(position=position, initial=initial)
+        if getattr(trainer, "last_kg_loss", None) is not None:
+            d["kg_loss"] = trainer.last_kg_loss
         lm_updates.append(d)
 
     from tqdm.auto import tqdm
@@ -418,9 +558,13 @@ def evaluate(log_: RatingLog, cfg: EvalConfig, *, progress: bool = True, trainer
                 if (positives_seen - 1) % cfg.every == 0:
                     if diagnose:
                         F = system.features(u, None, ts)
-                        for j, fname in enumerate(system.FEATURES):
+                        for j, fname in enumerate(system.feature_names):
                             feature_hr.setdefault(fname, []).append(rank_metrics(F[:, j], i, allowed, cfg.k)[0])
                     h, g = rank_metrics(s, i, allowed, cfg.k)
+                    eval_prior_pos.append(int(system.n_pos[i]))
+                    eval_prior_int.append(int(system.n_int[i]))
+                    topk = np.argsort(-masked, kind="stable")[: cfg.k]
+                    top_unseen.append(int((system.n_int[topk] == 0).sum()))
                     hr[SYSTEM].append(h)
                     ndcg[SYSTEM].append(g)
                     for name, src in baselines.items():
@@ -466,6 +610,8 @@ def evaluate(log_: RatingLog, cfg: EvalConfig, *, progress: bool = True, trainer
         "protocol": PROTOCOL,
         "evaluations": n_eval,
         "results": results,
+        "cold": cold_results(hr, ndcg, eval_prior_pos, eval_prior_int, top_unseen, cfg),
+        **({"kg": kg_info} if kg_info is not None else {}),
         "windows": windows,
         "config": {
             **cfg.as_dict(),
@@ -477,7 +623,7 @@ def evaluate(log_: RatingLog, cfg: EvalConfig, *, progress: bool = True, trainer
             "users": len(system.hist),
         },
         "system": {
-            "features": list(DriftrecSystem.FEATURES),
+            "features": list(system.feature_names),
             "corrector_weights": system.corrector.weights(),
             "corrector_updates": system.corrector.n_learned,
             "drift_count": system.corrector.drift_count,
@@ -492,6 +638,37 @@ def evaluate(log_: RatingLog, cfg: EvalConfig, *, progress: bool = True, trainer
         "elapsed_s": elapsed,
         **({"feature_hr": {f: float(np.mean(v)) for f, v in feature_hr.items()}} if diagnose else {}),
     }
+
+
+def cold_results(hr: dict[str, list[float]], ndcg: dict[str, list[float]], prior_pos: Sequence[int],
+                 prior_int: Sequence[int], top_unseen: Sequence[int], cfg: EvalConfig) -> dict:
+    """The metrics restricted to cold evaluations: positives whose item had fewer than
+    ``cfg.cold_threshold`` positives before the event (in replay order, warm-up included).
+
+    Also: how many cold evaluations had an item with no interaction at all yet (``evaluations_new_item``,
+    with driftrec's metrics on them under ``new_item``), and the mean number of such never-interacted
+    items in driftrec's top-k over all evaluations (``driftrec_topk_new_items``), which shows whether
+    the system ranks items it knows only from their text (and KG) at all."""
+    k = cfg.k
+    pos = np.asarray(prior_pos, dtype=np.int64)
+    cold = pos < cfg.cold_threshold
+    new = cold & (np.asarray(prior_int, dtype=np.int64) == 0)
+
+    def metrics(mask: np.ndarray, n: str) -> dict:
+        v_hr, v_ndcg = np.asarray(hr[n], dtype=np.float64), np.asarray(ndcg[n], dtype=np.float64)
+        m = int(mask.sum())
+        return {f"hr@{k}": float(v_hr[mask].mean()) if m else 0.0, f"ndcg@{k}": float(v_ndcg[mask].mean()) if m else 0.0}
+
+    out: dict = {
+        "threshold": cfg.cold_threshold,
+        "evaluations": int(cold.sum()),
+        "evaluations_new_item": int(new.sum()),
+    }
+    for n in hr:
+        out[n] = metrics(cold, n)
+    out["new_item"] = {SYSTEM: metrics(new, SYSTEM), "itemknn": metrics(new, "itemknn")}
+    out["driftrec_topk_new_items"] = float(np.mean(top_unseen)) if len(top_unseen) else 0.0
+    return out
 
 
 # ------------------------------------------------------------------------------------ report
@@ -574,6 +751,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lm-update-steps", type=int, default=EvalConfig.lm_update_steps)
     p.add_argument("--half-life-days", type=float, default=EvalConfig.half_life_s / 86400.0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    p.add_argument("--cold-threshold", type=int, default=EvalConfig.cold_threshold,
+                   help="an evaluated item is cold when it had fewer positives before the event (default 5)")
+    p.add_argument("--kg", help="knowledge graph: a folder with *.kg [+ *.link] (RecBole atomic or plain TSV) "
+                   "or a triples file")
+    p.add_argument("--kg-link", help="item -> entity link file, when --kg is a triples file")
+    p.add_argument("--kg-format", default="auto", choices=["auto", "recbole", "tsv"])
+    p.add_argument("--kg-alpha", type=float, default=EvalConfig.kg_alpha,
+                   help="weight of the TransE KG loss in the adapter training, L = L_rec + alpha * L_KG (default 0)")
+    p.add_argument("--kg-gate", default="auto", choices=["auto", "force"],
+                   help="auto: use the KG only if it beats its shuffled-link control on the warm-up window; "
+                   "force: always use it")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -583,7 +771,14 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     if args.every < 1:
         print("--every must be >= 1", file=sys.stderr)
         return 2
+    if args.kg_alpha < 0:
+        print("--kg-alpha must be >= 0", file=sys.stderr)
+        return 2
+    if args.kg_link and not args.kg:
+        print("--kg-link needs --kg", file=sys.stderr)
+        return 2
     from model.data import DataError
+    from model.kg import KGError
 
     try:
         log_ = load(args.data, args.format)
@@ -600,13 +795,33 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         lm_update_steps=args.lm_update_steps,
         half_life_s=args.half_life_days * 86400.0,
         threads=args.threads,
+        cold_threshold=args.cold_threshold,
+        kg=args.kg,
+        kg_link=args.kg_link,
+        kg_format=args.kg_format,
+        kg_alpha=args.kg_alpha,
+        kg_gate=args.kg_gate,
     )
-    result = evaluate(log_, cfg, progress=not args.quiet)
+    try:
+        result = evaluate(log_, cfg, progress=not args.quiet)
+    except KGError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     k = cfg.k
-    print(f"{PROTOCOL}: {result['evaluations']} evaluations in {result['elapsed_s']:.0f}s")
-    print(f"{'system':<20} {'HR@' + str(k):>8} {'NDCG@' + str(k):>9}")
+    cold = result["cold"]
+    print(f"{PROTOCOL}: {result['evaluations']} evaluations in {result['elapsed_s']:.0f}s "
+          f"({cold['evaluations']} cold: item with < {cold['threshold']} prior positives)")
+    if "kg" in result:
+        g = result["kg"]["gate"]
+        gk = f"hr@{g['k']}"
+        print(f"knowledge graph: {'used' if result['kg']['used'] else 'not used'} (gate {g['mode']}, "
+              f"{'open' if g['open'] else 'closed'}: warm-up HR@{g['k']} {g[gk]:.4f} vs "
+              f"{g[gk + '_shuffled_links']:.4f} with shuffled links, z={g['z']:.2f}), "
+              f"alpha {result['kg']['alpha_effective']}")
+    print(f"{'system':<20} {'HR@' + str(k):>8} {'NDCG@' + str(k):>9} {'cold HR':>8} {'cold NDCG':>9}")
     for name, r in result["results"].items():
-        print(f"{name:<20} {r[f'hr@{k}']:>8.4f} {r[f'ndcg@{k}']:>9.4f}")
+        c = cold[name]
+        print(f"{name:<20} {r[f'hr@{k}']:>8.4f} {r[f'ndcg@{k}']:>9.4f} {c[f'hr@{k}']:>8.4f} {c[f'ndcg@{k}']:>9.4f}")
     if args.json_path:
         Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_path).write_text(json.dumps(result, indent=2))
