@@ -1,10 +1,25 @@
 """A synthetic world for the demo, tests and the drift experiment.
 
 Items have text attributes (a title built from words that hint at the genre, genres, a year, tags);
-users have tastes over genres. Interactions are drawn from each user's taste (so the text carries
-real signal), ratings follow affinity plus noise, and at ``shift_at`` (an event index) every user's
-taste moves to other genres at once: an abrupt preference shift that a recommender must follow.
-Deterministic for a given seed.
+users have stable tastes over genres (a favourite genre, weight 3, and a second one, weight 2).
+Before ``shift_at`` (an event index) each interaction is drawn from the user's taste (so the text carries
+real signal: the next item is like the user's history) and ratings follow affinity plus noise. At
+``shift_at`` an abrupt shift happens for every user at once; ``shift_kind`` says which:
+
+* ``"taste"`` (the default): every user's taste moves to other genres, mapped by a fixed derangement
+  ``shift_map`` (an 8-cycle over the genres). Only *what* users like changes: once the user's history
+  has filled with new-taste items, "items like my history" is right again (covariate shift), so a
+  frozen content model recovers by itself as histories turn over.
+* ``"relation"``: the relation between history and next item changes (concept drift). After the shift
+  a user's next item comes from ``shift_map`` applied to the genres of the user's *newest* interaction
+  (main genre weight 3, extra genre weight 2), whatever their stable taste. The walk follows the 8-cycle,
+  so the next genre is never one of the genres of the last few items: "items like my history", which
+  was right before the shift, stays wrong for good, and only a model that learns the new relation
+  (newest item's genre g -> items of ``shift_map[g]``) follows it. A user with no interaction before
+  the shift starts from the mapped stable taste, as in ``"taste"``.
+
+Everything is deterministic for a given seed (the catalogue, tastes and popularity from ``seed``; the
+event stream from ``seed`` or the ``seed`` given to :meth:`World.events`).
 """
 
 from __future__ import annotations
@@ -53,6 +68,8 @@ BOOK_TAGS = {
     "animation": ["children's book", "illustrated"], "mystery": ["detective novel", "suspense"],
 }
 
+SHIFT_KINDS = ("taste", "relation")
+
 
 @dataclass
 class World:
@@ -60,12 +77,14 @@ class World:
     n_items: int = 400
     seed: int = 7
     shift_at: int | None = None
+    shift_kind: str = "taste"  # "taste" | "relation" (see the module docstring)
     start_time: float = 1_700_000_000.0
     seconds_per_event: float = 30.0
     domain: str = "default"
     items: list[Item] = field(default_factory=list)
     tastes: list[dict[str, float]] = field(default_factory=list)
     shifted_tastes: list[dict[str, float]] = field(default_factory=list)
+    shift_map: dict[str, str] = field(default_factory=dict)
     # Optional vocabulary (None = the module defaults GENRES / NOUNS / TAGS). ``title_words`` and ``tags``
     # map every genre of GENRES to its words, so two worlds with different vocabularies share the genres
     # and the taste structure but not the title words.
@@ -74,6 +93,8 @@ class World:
     tags: dict[str, list[str]] | None = None
 
     def __post_init__(self) -> None:
+        if self.shift_kind not in SHIFT_KINDS:
+            raise ValueError(f"shift_kind must be one of {SHIFT_KINDS}, not {self.shift_kind!r}")
         rng = random.Random(self.seed)
         genres = list(GENRES)
         words = self.title_words or GENRES
@@ -95,10 +116,9 @@ class World:
                 genres=gs, year=rng.randint(1950, 2024), tags=list(tags[main]), domain=self.domain,
             ))
         self.tastes = [self._taste(rng, genres) for _ in range(self.n_users)]
-        # The shift: each user's favourite genres map to other genres (a fixed derangement).
-        perm = genres[3:] + genres[:3]
-        mapping = dict(zip(genres, perm))
-        self.shifted_tastes = [{mapping[g]: w for g, w in t.items()} for t in self.tastes]
+        # The shift map: a fixed derangement of the genres, one 8-cycle (rotation by 3; gcd(3, 8) = 1).
+        self.shift_map = dict(zip(genres, genres[3:] + genres[:3]))
+        self.shifted_tastes = [{self.shift_map[g]: w for g, w in t.items()} for t in self.tastes]
         self._popularity = [rng.paretovariate(1.5) for _ in range(self.n_items)]
 
     def _iid(self, i: int) -> str:
@@ -112,39 +132,61 @@ class World:
     def user_id(self, u: int) -> str:
         return f"u{u}" if self.domain == "default" else f"{self.domain}-u{u}"
 
-    def taste(self, u: int, event_index: int) -> dict[str, float]:
-        if self.shift_at is not None and event_index >= self.shift_at:
-            return self.shifted_tastes[u]
-        return self.tastes[u]
+    def shifted(self, event_index: int) -> bool:
+        return self.shift_at is not None and event_index >= self.shift_at
 
-    def affinity(self, u: int, item: Item, event_index: int) -> float:
-        t = self.taste(u, event_index)
+    def relation_taste(self, last_item: Item) -> dict[str, float]:
+        """After a ``"relation"`` shift: the genre weights for the item after ``last_item``."""
+        t: dict[str, float] = {}
+        for n, g in enumerate(last_item.genres):
+            t.setdefault(self.shift_map[g], 3.0 if n == 0 else 2.0)
+        return t
+
+    def taste(self, u: int, event_index: int, last_item: Item | None = None) -> dict[str, float]:
+        """Genre weights for user ``u``'s interaction number ``event_index``.
+
+        ``last_item``: the user's newest interaction before it; only a ``"relation"`` shift reads it
+        (without it, the mapped stable taste, as for a user with no earlier interaction).
+        """
+        if not self.shifted(event_index):
+            return self.tastes[u]
+        if self.shift_kind == "relation" and last_item is not None:
+            return self.relation_taste(last_item)
+        return self.shifted_tastes[u]
+
+    def affinity(self, u: int, item: Item, event_index: int, last_item: Item | None = None) -> float:
+        t = self.taste(u, event_index, last_item)
         return max(t.get(g, 0.0) for g in item.genres)
 
-    def relevant(self, u: int, event_index: int) -> set[str]:
-        """Items this user likes at this point of the stream (for quality experiments)."""
-        return {it.item_id for it in self.items if self.affinity(u, it, event_index) >= 2.0}
+    def relevant(self, u: int, event_index: int, last_item: Item | None = None) -> set[str]:
+        """Items this user likes at this point of the stream (for quality experiments).
+
+        After a ``"relation"`` shift this depends on the user's newest interaction (``last_item``).
+        """
+        return {it.item_id for it in self.items if self.affinity(u, it, event_index, last_item) >= 2.0}
 
     def events(self, n: int, *, request_every: int = 0, seed: int | None = None) -> Iterator[Click | Rating | RecommendationRequest]:
         """n interactions (clicks and ratings), plus a recommendation request every ``request_every``."""
         rng = random.Random(self.seed * 1000 + 1 if seed is None else seed)
-        weights_cache: dict[tuple[int, bool], list[float]] = {}
+        weights_cache: dict[tuple, list[float]] = {}
+        last: dict[int, Item] = {}  # each user's newest interaction (read by a "relation" shift)
         for e in range(n):
             u = rng.randrange(self.n_users)
-            shifted = self.shift_at is not None and e >= self.shift_at
-            key = (u, shifted)
+            prev = last.get(u) if self.shift_kind == "relation" and self.shifted(e) else None
+            key = ("after", tuple(prev.genres)) if prev is not None else (u, self.shifted(e))
             w = weights_cache.get(key)
             if w is None:
-                w = [math.exp(1.5 * self.affinity(u, it, e)) * self._popularity[j] for j, it in enumerate(self.items)]
+                w = [math.exp(1.5 * self.affinity(u, it, e, prev)) * self._popularity[j] for j, it in enumerate(self.items)]
                 weights_cache[key] = w
             j = rng.choices(range(self.n_items), weights=w)[0]
             item = self.items[j]
+            last[u] = item
             t = self.start_time + (e + 1) * self.seconds_per_event
             uid = self.user_id(u)
             if rng.random() < 0.5:
                 yield Click(event_id=f"{self.domain}-s{self.seed}-e{e}", event_time=t, user_id=uid, item_id=item.item_id, domain=self.domain)
             else:
-                score = 1.0 + self.affinity(u, item, e) + rng.gauss(0, 0.7)
+                score = 1.0 + self.affinity(u, item, e, prev) + rng.gauss(0, 0.7)
                 rating = float(min(5, max(1, round(score))))
                 yield Rating(event_id=f"{self.domain}-s{self.seed}-e{e}", event_time=t, user_id=uid, item_id=item.item_id,
                              rating=rating, domain=self.domain)
