@@ -1,9 +1,13 @@
 """``driftrec experiment drift``: how fast incremental adapter updates follow an abrupt preference shift.
 
 In-process fast path (no Kafka): the synthetic :class:`driftrec.world.World` streams clicks and ratings;
-at ``shift_at`` every user's taste moves to other genres. Two arms start from the same adapter, trained
-on the pre-shift warm-up window with the production code (:class:`model.training_worker.TrainingWorker`:
-:class:`model.drift_trainer.DriftTrainer` + :mod:`model.gate` + checkpoint publishing):
+at ``shift_at`` an abrupt shift happens, by default ``shift_kind="relation"``: from then on a user's next
+item comes from a fixed derangement of the genres of their newest item, so "items like my history" stops
+being right for good (concept drift; ``--shift-kind taste`` moves every user's taste to other genres
+instead, which a frozen content model follows by itself once histories turn over). Two arms start from
+the same adapter, trained on the pre-shift warm-up window with the production code
+(:class:`model.training_worker.TrainingWorker`: :class:`model.drift_trainer.DriftTrainer` + :mod:`model.gate`
++ checkpoint publishing):
 
 * **updates**: the worker trains on the newest ``window`` events every ``every_events`` events, and at
   once when the River drift detector on the serving adapter's online error fires; each candidate goes
@@ -13,8 +17,8 @@ on the pre-shift warm-up window with the production code (:class:`model.training
 The stream is cut into blocks; each positive interaction of a block (an item the user had not seen) is
 a test case, ranked against every catalogue item by the adapter serving at the start of the block
 (test-then-train). HR@10 per block is the series. ``recovery_events_*`` = events after the shift until
-the (2-block rolling) HR@10 first gets back to ``recovery_frac`` (90%) of the arm's pre-shift level
-(null if never). Writes the JSON, and with ``--report DIR`` a Markdown report and a PNG plot.
+the ``smooth``-block (3) rolling HR@10 first gets back to ``recovery_frac`` (90%) of the arm's pre-shift
+level (null if never). Writes the JSON, and with ``--report DIR`` a Markdown report and a PNG plot.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ class DriftExperimentConfig:
     items: int = 160
     seed: int = 7
     shift_at: int = 4000
+    shift_kind: str = "relation"  # driftrec.world.World.shift_kind: "relation" | "taste"
     warmup_start: int = 2400  # warm-up training window [warmup_start, measure_start); events before: history only
     measure_start: int = 3400  # blocks from here; pre-shift level = blocks before shift_at
     post_events: int = 2500
@@ -110,7 +115,7 @@ def run_experiment(cfg: DriftExperimentConfig, *, adapter_dir: Path | None = Non
         tmp = tempfile.TemporaryDirectory(prefix="driftrec-exp-")
         adapter_dir = Path(tmp.name)
     settings = _settings(cfg, adapter_dir)
-    world = World(n_users=cfg.users, n_items=cfg.items, seed=cfg.seed, shift_at=cfg.shift_at)
+    world = World(n_users=cfg.users, n_items=cfg.items, seed=cfg.seed, shift_at=cfg.shift_at, shift_kind=cfg.shift_kind)
     events = list(world.events(cfg.shift_at + cfg.post_events))
     worker = TrainingWorker(settings, items=world.items, seed=cfg.seed)
     lookup = {it.item_id: it for it in world.items}.get
@@ -207,6 +212,13 @@ def run_experiment(cfg: DriftExperimentConfig, *, adapter_dir: Path | None = Non
     return out
 
 
+SHIFT_TEXT = {
+    "relation": "from then on a user's next item comes from a fixed derangement of the genres of their newest "
+                "item, so \"items like my history\" stops being right for good",
+    "taste": "every user's taste moves to other genres; histories then fill with the new genres",
+}
+
+
 def write_report(result: dict[str, Any], report_dir: Path) -> tuple[Path, Path]:
     import matplotlib
 
@@ -228,7 +240,7 @@ def write_report(result: dict[str, Any], report_dir: Path) -> tuple[Path, Path]:
             ax.axvline(r["at"], color="C2", alpha=0.15)
     ax.set_xlabel("event index")
     ax.set_ylabel(f"HR@10 per {cfg['block']}-event block")
-    ax.set_title("Abrupt preference shift: incremental adapter updates vs frozen adapter")
+    ax.set_title(f"Abrupt {cfg.get('shift_kind', 'taste')} shift: incremental adapter updates vs frozen adapter")
     ax.legend(fontsize=8)
     fig.tight_layout()
     png = report_dir / "drift_experiment.png"
@@ -239,9 +251,12 @@ def write_report(result: dict[str, Any], report_dir: Path) -> tuple[Path, Path]:
         return "never" if v is None else f"{v:,} events"
 
     runs = result["runs"]
+    kind = cfg.get("shift_kind", "taste")
+    shift_text = SHIFT_TEXT.get(kind, kind)
     lines = [
         "# Drift experiment: incremental adapter updates vs frozen adapter", "",
-        f"Synthetic world: {cfg['users']} users, {cfg['items']} items, abrupt taste shift at event {cfg['shift_at']:,}; "
+        f"Synthetic world: {cfg['users']} users, {cfg['items']} items, abrupt shift at event {cfg['shift_at']:,} "
+        f"(`shift_kind={kind}`: {shift_text}); "
         f"{cfg['post_events']:,} events after it. HR@10 per {cfg['block']}-event block (test-then-train), "
         f"recovery = first {cfg['smooth']}-block rolling HR@10 >= {cfg['recovery_frac']:.0%} of the arm's pre-shift level.", "",
         "| arm | pre-shift HR@10 | recovery after the shift |", "|---|---|---|",
@@ -289,7 +304,7 @@ def run_options(cfg: DriftExperimentConfig, variants: dict[str, dict[str, Any]] 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     variants = variants or OPTION_VARIANTS
-    world = World(n_users=cfg.users, n_items=cfg.items, seed=cfg.seed, shift_at=cfg.shift_at)
+    world = World(n_users=cfg.users, n_items=cfg.items, seed=cfg.seed, shift_at=cfg.shift_at, shift_kind=cfg.shift_kind)
     train_end = cfg.shift_at + cfg.window
     events = list(world.events(train_end + test_events))
     lookup = {it.item_id: it for it in world.items}.get
@@ -337,6 +352,8 @@ def experiment_main(argv: list[str] | None = None) -> int:
               "replay_buffer", "block", "smooth"):
         p.add_argument("--" + f.replace("_", "-"), type=int, default=None)
     p.add_argument("--learning-rate", type=float, default=None)
+    p.add_argument("--shift-kind", choices=["relation", "taste"], default=None,
+                   help="relation (default): the history -> next item relation changes; taste: tastes move")
     p.add_argument("--multitask", action="store_true")
     p.add_argument("--adversarial-eps", type=float, default=None)
     p.add_argument("--augment", action="store_true")
@@ -350,7 +367,7 @@ def experiment_main(argv: list[str] | None = None) -> int:
                                     post_events=400, every_events=200, window=300, context=300, max_steps=3,
                                     warmup_steps=4, max_length=32)
     for f in ("users", "items", "seed", "shift_at", "post_events", "every_events", "max_steps", "window", "threads",
-              "replay_buffer", "block", "smooth", "learning_rate", "adversarial_eps"):
+              "replay_buffer", "block", "smooth", "learning_rate", "adversarial_eps", "shift_kind"):
         v = getattr(args, f)
         if v is not None:
             setattr(cfg, f, v)
