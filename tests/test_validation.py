@@ -111,3 +111,27 @@ def test_validate_never_raises_on_random_bytes():
     for _ in range(2000):
         blob = bytes(rng.randrange(256) for _ in range(rng.randrange(0, 64)))
         assert isinstance(validate(blob, now=NOW), (Rejected, Click, Rating, Item, RecommendationRequest))
+
+
+@pytest.mark.parametrize("payload", [
+    {"type": "click", "event_id": "e1", "event_time": NOW - 5, "user_id": "u", "item_id": "i"},
+    {"type": "click", "event_id": "e2", "event_time": NOW - 5, "user_id": "u", "item_id": "i",
+     "recommendation_id": "r9", "domain": "books"},
+    {"type": "rating", "event_id": "e3", "event_time": NOW - 5, "user_id": "u", "item_id": "i", "rating": 4},
+    {"type": "rating", "event_id": "e4", "event_time": int(NOW), "user_id": 7, "item_id": "i", "rating": 2.5,
+     "domain": "films", "schema_version": 1},
+])
+def test_fast_built_events_equal_the_record_constructor(payload):
+    """Clicks and ratings skip faust.Record.__init__; the result must be the very same record."""
+    from streams.contracts import INBOUND_TYPES
+
+    got = validate(json.dumps(payload).encode(), now=NOW)
+    fields = {k: v for k, v in payload.items() if k not in ("type", "schema_version")}
+    fields["event_time"] = float(fields["event_time"])
+    fields["user_id"] = str(fields["user_id"])
+    if "rating" in fields:
+        fields["rating"] = float(fields["rating"])
+    want = INBOUND_TYPES[payload["type"]](**fields)
+    assert type(got) is type(want)
+    assert list(got.__dict__.items()) == list(want.__dict__.items())
+    assert got == want and repr(got) == repr(want) and got.dumps() == want.dumps()
