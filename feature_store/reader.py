@@ -115,10 +115,19 @@ class FeatureReader:
         """(user features or None, {item_id: features}) for one user and many items, one call."""
         self._open()
         item_ids = list(dict.fromkeys(str(i) for i in item_ids))
-        online = self._online()
-        user_res = online.online_read(self._config, self._user_view, self._keys("user_id", [user_id]), None)
-        item_res = online.online_read(self._config, self._item_view, self._keys("item_id", item_ids), None) if item_ids else []
+        user_res = self._read(self._user_view, self._keys("user_id", [user_id]))
+        item_res = self._read(self._item_view, self._keys("item_id", item_ids)) if item_ids else []
         return self._assemble(user_id, item_ids, user_res, item_res)
+
+    def _read(self, view, keys: list) -> list:
+        try:
+            return self._online().online_read(self._config, view, keys, None)
+        except Exception as exc:  # noqa: BLE001 - re-raised unless it is an empty store
+            # A SQLite store nothing was written to yet has no tables: no features, not an error
+            # (a worker answers requests while its writer is still starting).
+            if "no such table" in str(exc):
+                return [(None, None)] * len(keys)
+            raise
 
     async def get_user_and_items_async(self, user_id: str, item_ids: Iterable[str]) -> tuple[Features | None, dict[str, Features]]:
         """Async form: Feast's async read on Redis (client bound to this loop), a thread on SQLite."""

@@ -1,7 +1,7 @@
 """Redis online store: config and writer.
 
-Writes use Feast's async Redis API (``online_write_batch_async``) on the caller's event loop: the
-async client binds to the first loop that uses it, so a writer belongs to one loop (the worker's).
+Writes go through :class:`Rows` (Feast's layout, one pipeline per batch), run by the worker's
+writer process (:mod:`feature_store.process`).
 ``skip_dedup: true``: the features stage is the only writer of an entity (its partition's owner)
 and writes its state in order, and a row's event time is the entity's newest event, which a late
 event does not move - Redis' default skip-older-or-equal check would drop exactly those updates.
@@ -9,10 +9,11 @@ event does not move - Redis' default skip-older-or-equal check would drop exactl
 
 from __future__ import annotations
 
-import asyncio
+from datetime import datetime, timezone
+from typing import Sequence
 
 from driftrec.settings import Settings
-from feature_store.writer import FeatureWriter
+from feature_store.writer import Row, event_datetime, varint
 
 STORE = "redis"
 
@@ -44,35 +45,76 @@ def ping(url: str, timeout: float = 1.0) -> bool:
         return False
 
 
-class Writer(FeatureWriter):
-    store_name = STORE
+def encode_timestamp(ts: datetime) -> bytes:
+    """``Timestamp.FromDatetime(ts).SerializeToString()`` (seconds = field 1, nanos = field 2; zeros omitted)."""
+    delta = ts.astimezone(timezone.utc) - _EPOCH
+    seconds = delta.days * 86400 + delta.seconds
+    nanos = delta.microseconds * 1000
+    out = b"\x08" + varint(seconds) if seconds else b""
+    if nanos:
+        out += b"\x10" + varint(nanos)
+    return out
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+class Rows:
+    """The Redis backend's row store: Feast's layout, one pipeline per batch (blocking).
+
+    A hash per entity (key: serialized entity key + project) with ``_ts:<view>`` and one
+    murmur3-keyed field per feature. ``skip_dedup`` (always on here, see the module) means Feast
+    writes every row unconditionally with one ``HSET`` (+ ``EXPIRE``) per entity in a
+    non-transactional pipeline; this sends the same commands with the same bytes, encoded without
+    Feast's per-row protos. Run by the writer process (:mod:`feature_store.process`).
+    """
 
     def __init__(self, settings: Settings) -> None:
-        super().__init__(settings)
-        self._config = None
-        self._views = None
-        self._online = None
+        from feast.infra.online_stores.helpers import _mmh3
+        from feast.infra.online_stores.redis import _versioned_fv_name
 
-    async def _start(self) -> None:
         from feature_store.definitions import ITEM_VIEW, USER_VIEW
         from feature_store.repo import open_store
+        from feature_store.writer import ITEM_CODEC, USER_CODEC
 
-        fs = await asyncio.to_thread(open_store, self.settings, STORE)
-        self._config = fs.config
-        self._views = (fs.get_feature_view(USER_VIEW), fs.get_feature_view(ITEM_VIEW))
-        self._online = online_store()
+        fs = open_store(settings, STORE, apply=False)  # the parent applied the definitions
+        self.config = fs.config
+        self.views = (fs.get_feature_view(USER_VIEW), fs.get_feature_view(ITEM_VIEW))
+        self.codecs = (USER_CODEC, ITEM_CODEC)
+        self.online = online_store()
+        self.layout = []  # per view: (ts field, [(field key, feature, encoder)])
+        for view, codec in zip(self.views, self.codecs):
+            name = _versioned_fv_name(view, self.config)
+            fields = [(_mmh3(f"{name}:{feature}"), feature, encode) for feature, encode in codec.encoders]
+            self.layout.append((f"_ts:{name}".encode(), fields))
 
-    async def _write(self, user_data: list, item_data: list) -> None:
-        user_view, item_view = self._views
-        if user_data:
-            await self._online.online_write_batch_async(self._config, user_view, user_data, None)
-        if item_data:
-            await self._online.online_write_batch_async(self._config, item_view, item_data, None)
+    def write(self, user_rows: Sequence[Row], item_rows: Sequence[Row]) -> None:
+        config, online = self.config, self.online
+        oc = config.online_store
+        if not oc.skip_dedup:  # not how driftrec configures it; Feast's own method then
+            created = datetime.now(tz=timezone.utc)
+            for view, codec, rows in zip(self.views, self.codecs, (user_rows, item_rows)):
+                if rows:
+                    online.online_write_batch(config, view, codec.protos(rows, created), None)
+            return
+        project = config.project.encode()
+        version = config.entity_key_serialization_version
+        ttl = oc.key_ttl_seconds
+        pipe = online._get_client(oc).pipeline(transaction=False)
+        for (ts_key, fields), codec, rows in zip(self.layout, self.codecs, (user_rows, item_rows)):
+            key_of, join_key = codec.entity_key, codec.join_key
+            for row in rows:
+                name = key_of(row[join_key], version) + project
+                mapping = {ts_key: encode_timestamp(event_datetime(row))}
+                for f_key, feature, encode in fields:
+                    mapping[f_key] = encode(row[feature])
+                pipe.hset(name, mapping=mapping)
+                if ttl:
+                    pipe.expire(name=name, time=ttl)
+        pipe.execute()
 
-    async def _close(self) -> None:
-        client = getattr(self._online, "_client_async", None)
+    def close(self) -> None:
+        client = getattr(self.online, "_client", None)
         if client is not None:
-            try:
-                await client.aclose()
-            except Exception:  # noqa: BLE001
-                pass
+            client.close()
+            self.online._client = None
