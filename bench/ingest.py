@@ -200,7 +200,7 @@ def run_one(settings: Settings, store: str, *, n_events: int = 60_000, rate: flo
                             DRIFTREC_AGENTS=agents,
                             DRIFTREC_FEAST__ONLINE_STORE=store, DRIFTREC_FEAST__PROJECT=f"bench_{uuid.uuid4().hex[:8]}",
                             DRIFTREC_FEAST__REDIS_KEY_TTL_S="3600", DRIFTREC_LOG_LEVEL="WARNING",
-                            **({"DRIFTREC_FEATURES_DEBUG": "1"} if os.environ.get("DRIFTREC_FEATURES_DEBUG") else {}))
+)
             with open(log_path, "ab") as fh:
                 proc = subprocess.Popen([sys.executable, "-m", "driftrec.cli", "worker"], env=env, stdout=fh,
                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
@@ -224,7 +224,7 @@ def run_one(settings: Settings, store: str, *, n_events: int = 60_000, rate: flo
             base_ok = _metric(s0, "driftrec_events_ingested_total", outcome="ok")
             backlog = [world.event(time.time()) for _ in range(n_events)]
             profiler = None
-            if os.environ.get("DRIFTREC_BENCH_PROFILE"):  # py-spy the worker through the throughput phase
+            if os.environ.get("DRIFTREC_BENCH_PROFILE") and os.environ.get("DRIFTREC_BENCH_PROFILE_PHASE", "backlog") == "backlog":
                 profiler = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(proc.pid),
                                              "-d", os.environ.get("DRIFTREC_BENCH_PROFILE_S", "15"), "-r", "100",
                                              "-f", "raw", "-o", os.environ["DRIFTREC_BENCH_PROFILE"]],
@@ -265,6 +265,11 @@ def run_one(settings: Settings, store: str, *, n_events: int = 60_000, rate: flo
             # 2. freshness at a paced rate
             time.sleep(1.0)
             s1 = _scrape(port)
+            if os.environ.get("DRIFTREC_BENCH_PROFILE") and os.environ.get("DRIFTREC_BENCH_PROFILE_PHASE") == "paced":
+                profiler = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(proc.pid),
+                                             "-d", os.environ.get("DRIFTREC_BENCH_PROFILE_S", "8"), "-r", "100",
+                                             "-f", "raw", "-o", os.environ["DRIFTREC_BENCH_PROFILE"]],
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             sent = asyncio.run(_paced(bootstrap, settings, world, rate, seconds))
             time.sleep(1.0)
             s2 = _scrape(port)

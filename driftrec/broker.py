@@ -298,7 +298,7 @@ async def true_end_offsets(consumer, partitions) -> dict:
 
 
 _patched = False
-TANSU_FETCH_WAIT_MS = 50
+TANSU_FETCH_WAIT_MS = 20
 
 
 def patch_faust_for_tansu() -> None:

@@ -94,6 +94,12 @@ AGENT_PROCESSING_SECONDS = Histogram(
     ["agent"],
     buckets=LATENCY_FAST_BUCKETS,
 )
+EVENT_LOOP_LAG_SECONDS = Histogram(
+    "driftrec_event_loop_lag_seconds",
+    "How late a worker's event loop wakes from a short sleep: the longest stretch it was busy with "
+    "one step (a large batch, a garbage collection) and every other task waited.",
+    buckets=LATENCY_FAST_BUCKETS,
+)
 CONSUMER_LAG = Gauge(
     "driftrec_consumer_lag_messages",
     "Messages between the committed/consumed offset and the high watermark, summed over the "

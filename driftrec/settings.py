@@ -114,11 +114,13 @@ class StreamSettings(_Section):
     web_port: int = Field(default=0, ge=0, lt=65536, description="Faust worker web/metrics port (0 = any free)")
     data_dir: Path = Path(".driftrec/streams")
     table_store: Literal["memory", "rocksdb"] = "rocksdb"
-    batch_size: int = Field(default=1000, ge=1, le=100_000)
-    batch_window_s: float = Field(default=0.05, gt=0, le=10)
+    batch_size: int = Field(default=5000, ge=1, le=100_000,
+                            description="most records one fetch hands the batch agents (Faust's max poll records)")
     recent_items: int = Field(default=20, ge=1, le=500)
-    dedupe_ids: int = Field(default=512, ge=1, le=100_000,
-                            description="event ids remembered per user for idempotence (newest first)")
+    dedupe_ids: int = Field(default=128, ge=1, le=100_000,
+                            description="event ids remembered per user to drop duplicates (a redelivered record is "
+                                        "recognised by its offset whatever this is); an unknown id older than the "
+                                        "oldest forgotten one is skipped as late")
     unknown_item_grace_s: float = Field(default=2.0, ge=0, le=60,
                                         description="wait this long for the catalogue before rejecting an unknown item")
 

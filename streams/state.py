@@ -3,33 +3,41 @@
 The features stage keeps one :class:`UserState` per user (in the user-partitioned table) and one
 :class:`ItemState` per item (in the item-partitioned table) and turns them into feature rows.
 
-Idempotence, in two layers (at-least-once delivery everywhere; no exactly-once on this broker):
+Idempotence (at-least-once delivery everywhere; no exactly-once on this broker), per entity:
 
-* **Users, by event id.** A user state remembers the ids of its newest ``dedupe_ids`` events and
-  where each was first read (``position``: source topic code, partition, offset). An event whose id
-  is remembered is not applied again: *redelivered* when read at the same position (a crash between
-  the state write and the offset commit replays the same records), *duplicate* when read elsewhere
-  (a producer retry, an app replaying its log). An unknown id older than everything the memory has
+* **Redelivery, by source offset.** Every state keeps, per source partition (``c3`` = clicks
+  partition 3, ``r3`` …), the highest offset it has handled. A record at or below it was handled
+  before: a crash or a rebalance between the state write and the offset commit replays it
+  (*redelivered*). This is exact and costs O(partitions) per entity. The stage re-writes the state
+  and the row of a redelivered entity (the crash may have come before they were durable); it need
+  not forward the interaction again, because a user state is persisted only after its forwards to
+  the item stage are acknowledged (:mod:`streams.agents.features`).
+* **Duplicates, by event id** (users). The same event under a new offset - a producer retry, an app
+  re-sending its log - is recognised by its id: a user state remembers 64-bit hashes of its newest
+  ``dedupe_ids`` event ids. An unknown id whose event is older than everything the memory has
   forgotten (``seen_floor``) cannot be told apart from a duplicate and is skipped as *late*.
-  The memory lives in the state, so it survives restarts with it (changelogged table).
-* **Items, by source offset.** Interactions reach the item state re-keyed by item id (forwarded
-  by the user stage, which drops duplicates and late events first). Each item state keeps, per
-  source partition, the highest source offset applied; a forwarded interaction at or below it is a
-  replay (the user stage forwarded it again after a crash) and is skipped. This needs O(partitions)
-  memory per item instead of a per-item id set.
+  Interactions reach the item states only through the user stage, which drops duplicates first.
 
-Order independence: the features are the same whatever order events of an entity arrive in (counts,
-sums, max times, "top-N distinct recent items by their newest time", popularity decayed to the
-newest event time), so a late or replayed event yields the same result as in-order delivery.
+Order independence: features are the same whatever order an entity's events arrive in (counts, sums,
+max times, "top-N distinct recent items by their newest time", popularity decayed to the newest
+event time), so a late event yields the same result as in-order delivery.
+
+States serialize compactly (orjson; a user's id memory as packed binary): the stage re-writes every
+touched state once per batch, so encoding is on the hot path, and the memory (``stream.dedupe_ids``)
+is most of a user state's changelog record.
 """
 
 from __future__ import annotations
 
 import enum
-import json
+import hashlib
 import math
+import struct
+from array import array
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, NamedTuple, Sequence
+
+import orjson
 
 CLICK = "click"
 RATING = "rating"
@@ -38,14 +46,13 @@ GENRE_PROFILE_TOP = 5
 
 class Verdict(enum.Enum):
     NEW = "new"                  # applied
-    REDELIVERED = "redelivered"  # same event, same source position: already applied
-    DUPLICATE = "duplicate"      # same event id from another position: never applied twice
+    REDELIVERED = "redelivered"  # this record was applied before (offset at or below the entity's mark)
+    DUPLICATE = "duplicate"      # same event id from another record: never applied twice
     LATE = "late"                # older than the dedupe memory reaches: skipped
 
 
-@dataclass(frozen=True)
-class Interaction:
-    """A click or rating in the form the state needs."""
+class Interaction(NamedTuple):
+    """A click or rating in the form the state needs (a tuple: built once per event)."""
 
     event_id: str
     event_time: float
@@ -56,13 +63,17 @@ class Interaction:
     source: str = ""  # source partition id, e.g. "c3" (clicks partition 3), "r3"
     offset: int = -1
 
-    @property
-    def position(self) -> str:
-        return f"{self.source}:{self.offset}"
-
 
 def source_code(topic_code: str, partition: int) -> str:
     return f"{topic_code}{partition}"
+
+
+def id_hash(event_id: str) -> int:
+    """A stable 64-bit hash of an event id (the same in every process, unlike ``hash``)."""
+    return int.from_bytes(hashlib.blake2b(event_id.encode(), digest_size=8).digest(), "little")
+
+
+_LEN = struct.Struct("<I")
 
 
 @dataclass
@@ -73,20 +84,43 @@ class UserState:
     last_event_time: float = 0.0
     # [item_id, newest interaction time], newest first, distinct items, at most recent_items
     recent: list[list] = field(default_factory=list)
-    # event_id -> "position event_time" (one string: cheap to serialize, which happens per batch)
-    seen: dict[str, str] = field(default_factory=dict)
+    # source partition -> highest offset handled
+    hw: dict[str, int] = field(default_factory=dict)
+    # event-id hash -> event time, for the newest dedupe_ids events
+    seen: dict[int, float] = field(default_factory=dict)
     seen_floor: float = float("-inf")
+    # ``seen`` packed in the same order, kept up to date so that ``dumps`` only copies bytes
+    _hashes: array = field(default=None, compare=False, repr=False)
+    _times: array = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self._hashes is None:
+            self._pack_seen()
+
+    def _pack_seen(self) -> None:
+        self._hashes, self._times = array("Q", self.seen.keys()), array("d", self.seen.values())
 
     def check(self, ev: Interaction) -> Verdict:
-        hit = self.seen.get(ev.event_id)
-        if hit is not None:
-            return Verdict.REDELIVERED if hit.partition(" ")[0] == ev.position else Verdict.DUPLICATE
+        if ev.offset <= self.hw.get(ev.source, -1):
+            return Verdict.REDELIVERED
+        if id_hash(ev.event_id) in self.seen:
+            return Verdict.DUPLICATE
         if ev.event_time <= self.seen_floor:
             return Verdict.LATE
         return Verdict.NEW
 
-    def apply(self, ev: Interaction, *, recent_items: int = 20, dedupe_ids: int = 512) -> Verdict:
-        verdict = self.check(ev)
+    def apply(self, ev: Interaction, *, recent_items: int = 20, dedupe_ids: int = 128) -> Verdict:
+        if ev.offset <= self.hw.get(ev.source, -1):
+            return Verdict.REDELIVERED
+        h = id_hash(ev.event_id)
+        if h in self.seen:
+            verdict = Verdict.DUPLICATE
+        elif ev.event_time <= self.seen_floor:
+            verdict = Verdict.LATE
+        else:
+            verdict = Verdict.NEW
+        if ev.offset >= 0:
+            self.hw[ev.source] = ev.offset  # this record is handled, whatever the verdict
         if verdict is not Verdict.NEW:
             return verdict
         if ev.kind == RATING:
@@ -97,7 +131,9 @@ class UserState:
         if ev.event_time > self.last_event_time:
             self.last_event_time = ev.event_time
         self._add_recent(ev.item_id, ev.event_time, recent_items)
-        self.seen[ev.event_id] = f"{ev.position} {ev.event_time!r}"
+        self.seen[h] = ev.event_time
+        self._hashes.append(h)
+        self._times.append(ev.event_time)
         if len(self.seen) > dedupe_ids + max(dedupe_ids // 4, 1):
             self._trim_seen(dedupe_ids)
         return verdict
@@ -125,11 +161,13 @@ class UserState:
         del recent[limit:]
 
     def _trim_seen(self, keep: int) -> None:
-        by_time = sorted(((float(v.rpartition(" ")[2]), eid) for eid, v in self.seen.items()))
-        for t, eid in by_time[: len(by_time) - keep]:
-            del self.seen[eid]
+        by_time = sorted(self.seen.items(), key=lambda kv: (kv[1], kv[0]))
+        cut = len(by_time) - keep
+        for _h, t in by_time[:cut]:
             if t > self.seen_floor:
                 self.seen_floor = t
+        self.seen = dict(by_time[cut:])
+        self._pack_seen()
 
     @property
     def mean_rating(self) -> float:
@@ -139,66 +177,87 @@ class UserState:
     def recent_item_ids(self) -> list[str]:
         return [e[0] for e in self.recent]
 
-    def feature_row(self, user_id: str, genres_of: Callable[[str], Sequence[str] | None]) -> dict:
+    def feature_row(self, user_id: str, weights_of: Callable[[str], Weights]) -> dict:
+        """The user's feature row; ``weights_of(item)`` gives an item's :func:`genre_weights` (cached by the caller)."""
+        ids = self.recent_item_ids
         return {
             "user_id": user_id,
-            "recent_items": json.dumps(self.recent_item_ids, separators=(",", ":")),
+            "recent_items": orjson.dumps(ids).decode(),
             "click_count": self.click_count,
             "rating_count": self.rating_count,
             "mean_rating": self.mean_rating,
             "last_event_time": self.last_event_time,
-            "genre_profile": json.dumps(genre_profile(self.recent_item_ids, genres_of), separators=(",", ":")),
+            "genre_profile": orjson.dumps(profile(map(weights_of, ids))).decode(),
         }
 
-    # -- serialization (compact JSON; the table stores bytes)
+    # -- serialization (the table stores bytes; every touched state is written once per batch)
     def dumps(self) -> bytes:
-        return json.dumps({
-            "c": self.click_count, "r": self.rating_count, "rs": self.rating_sum, "t": self.last_event_time,
-            "rec": self.recent, "seen": self.seen,
-            "fl": None if self.seen_floor == float("-inf") else self.seen_floor,
-        }, separators=(",", ":")).encode()
+        """A length-prefixed JSON header, then the id memory as packed uint64 hashes and float64 times."""
+        header = orjson.dumps([self.click_count, self.rating_count, self.rating_sum, self.last_event_time,
+                               self.recent, self.hw,
+                               None if self.seen_floor == float("-inf") else self.seen_floor])
+        return b"".join((_LEN.pack(len(header)), header, _LEN.pack(len(self._hashes)),
+                         self._hashes.tobytes(), self._times.tobytes()))
 
     @classmethod
     def loads(cls, raw: bytes | None) -> "UserState":
         if not raw:
             return cls()
-        d = json.loads(raw)
-        return cls(d["c"], d["r"], d["rs"], d["t"], d["rec"], d["seen"],
-                   float("-inf") if d.get("fl") is None else d["fl"])
+        (n,) = _LEN.unpack_from(raw, 0)
+        c, r, rs, t, recent, hw, floor = orjson.loads(raw[4:4 + n])
+        pos = 4 + n
+        (k,) = _LEN.unpack_from(raw, pos)
+        pos += 4
+        hashes, times = array("Q"), array("d")
+        hashes.frombytes(raw[pos:pos + 8 * k])
+        times.frombytes(raw[pos + 8 * k:pos + 16 * k])
+        return cls(c, r, rs, t, recent, hw, dict(zip(hashes, times)), float("-inf") if floor is None else floor,
+                   hashes, times)
 
 
 def _recent_order(e: list) -> tuple:
     return (-e[1], e[0])
 
 
-def genre_profile(item_ids: Iterable[str], genres_of: Callable[[str], Sequence[str] | None],
-                  top: int = GENRE_PROFILE_TOP) -> dict[str, float]:
-    """Top genres over the items, each item's weight split evenly over its genres; weights sum to 1."""
+Weights = tuple  # ((genre, weight), ...) of one item: its distinct genres, weights summing to 1
+
+
+def genre_weights(genres: Sequence[str] | None) -> Weights:
+    """An item's genres as ``((genre, 1/n), ...)`` - distinct, non-empty, in catalogue order."""
+    if not genres:
+        return ()
+    distinct = [g for g in dict.fromkeys(genres) if g]
+    w = 1.0 / len(distinct) if distinct else 0.0
+    return tuple((g, w) for g in distinct)
+
+
+def profile(item_weights: Iterable[Weights], top: int = GENRE_PROFILE_TOP) -> dict[str, float]:
+    """Top genres over the items' weights, renormalised to sum to 1 (6 decimals)."""
     mass: dict[str, float] = {}
-    for iid in item_ids:
-        genres = genres_of(iid)
-        if not genres:
-            continue
-        if len(genres) == 1:
-            g = genres[0]
-            if g:
-                mass[g] = mass.get(g, 0.0) + 1.0
-            continue
-        genres = [g for g in dict.fromkeys(genres) if g]
-        if not genres:
-            continue
-        w = 1.0 / len(genres)
-        for g in genres:
-            mass[g] = mass.get(g, 0.0) + w
+    for weights in item_weights:
+        for g, w in weights:
+            if g in mass:
+                mass[g] += w
+            else:
+                mass[g] = w
     if not mass:
         return {}
-    best = sorted(mass.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
+    best = sorted(mass.items(), key=_profile_order)[:top]
     total = sum(w for _, w in best)
     return {g: round(w / total, 6) for g, w in best}
 
 
-@dataclass(frozen=True)
-class ItemDelta:
+def _profile_order(kv: tuple) -> tuple:
+    return (-kv[1], kv[0])
+
+
+def genre_profile(item_ids: Iterable[str], genres_of: Callable[[str], Sequence[str] | None],
+                  top: int = GENRE_PROFILE_TOP) -> dict[str, float]:
+    """Top genres over the items, each item's weight split evenly over its genres; weights sum to 1."""
+    return profile((genre_weights(genres_of(i)) for i in item_ids), top)
+
+
+class ItemDelta(NamedTuple):
     """One interaction forwarded to the item-partitioned stage."""
 
     item_id: str
@@ -209,7 +268,7 @@ class ItemDelta:
     offset: int
 
     def to_list(self) -> list:
-        return [self.item_id, self.kind, self.rating, self.event_time, self.source, self.offset]
+        return list(self)
 
     @classmethod
     def from_list(cls, v: Sequence) -> "ItemDelta":
@@ -218,6 +277,11 @@ class ItemDelta:
     @classmethod
     def of(cls, ev: Interaction) -> "ItemDelta":
         return cls(ev.item_id, ev.kind, ev.rating, ev.event_time, ev.source, ev.offset)
+
+
+def forward_record(ev: Interaction) -> list:
+    """``ItemDelta.of(ev).to_list()`` without the intermediate tuple (the user stage's hot path)."""
+    return [ev.item_id, ev.kind, ev.rating, ev.event_time, ev.source, ev.offset]
 
 
 @dataclass
@@ -272,16 +336,14 @@ class ItemState:
         }
 
     def dumps(self) -> bytes:
-        return json.dumps([self.click_count, self.rating_count, self.rating_sum, self.popularity_total,
-                           self.popularity_decayed, self.popularity_time, self.last_event_time, self.hw],
-                          separators=(",", ":")).encode()
+        return orjson.dumps([self.click_count, self.rating_count, self.rating_sum, self.popularity_total,
+                             self.popularity_decayed, self.popularity_time, self.last_event_time, self.hw])
 
     @classmethod
     def loads(cls, raw: bytes | None) -> "ItemState":
         if not raw:
             return cls()
-        v = json.loads(raw)
-        return cls(*v)
+        return cls(*orjson.loads(raw))
 
 
 def _decay(dt: float, half_life_s: float) -> float:

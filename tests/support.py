@@ -25,7 +25,7 @@ def settings_for(bootstrap: str, tmp: Path, **overrides: Any) -> Settings:
     """Settings for a test run: the given broker (as Tansu), per-test data and feature dirs."""
     base = {
         "kafka": {"bootstrap_servers": bootstrap, "broker_kind": "tansu"},
-        "stream": {"data_dir": str(tmp / "streams"), "batch_window_s": 0.05},
+        "stream": {"data_dir": str(tmp / "streams")},
         "feast": {"repo_dir": str(tmp / "feast")},
         "model": {"adapter_dir": str(tmp / "adapters")},
         "metrics": {"port": 0},
@@ -195,6 +195,28 @@ def produce_raw(bootstrap: str, records: Iterable[tuple[str, bytes | None, bytes
             await producer.stop()
 
     return asyncio.run(main())
+
+
+def committed_offsets(bootstrap: str, group: str, topics: Iterable[str]) -> dict[tuple[str, int], int]:
+    """The consumer group's committed offset per partition of ``topics`` (missing: nothing committed)."""
+
+    async def go() -> dict[tuple[str, int], int]:
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+        await consumer.start()
+        try:
+            out = {}
+            for topic in topics:
+                for p in sorted(consumer.partitions_for_topic(topic) or ()):
+                    offset = await consumer.committed(TopicPartition(topic, p))
+                    if offset is not None and offset >= 0:
+                        out[(topic, p)] = offset
+            return out
+        finally:
+            await consumer.stop()
+
+    return asyncio.run(go())
 
 
 def start_broker() -> EmbeddedBroker:

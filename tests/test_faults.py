@@ -114,7 +114,9 @@ def test_scorer_killed_recommendations_continue_through_the_fallback(kafka):
     produce_raw(bootstrap, catalogue_records(settings, world))
     port = free_port()
     scorer = Proc(["scorer", "--port", str(port)], env_for(settings), name="scorer")
-    worker = start_worker(settings, DRIFTREC_SCORER__URL=f"http://127.0.0.1:{port}", DRIFTREC_SCORER__TIMEOUT_S="2")
+    # A generous timeout: on a loaded 2-core CI machine the scorer's first forwards, beside a worker
+    # still starting its writer process, can take seconds; the fallback below comes from the kill.
+    worker = start_worker(settings, DRIFTREC_SCORER__URL=f"http://127.0.0.1:{port}", DRIFTREC_SCORER__TIMEOUT_S="10")
     try:
         import urllib.request
 

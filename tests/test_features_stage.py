@@ -1,7 +1,12 @@
-"""The features stage in process (no broker): rejections, idempotence, forwarding, item step."""
+"""The features stage in process (no broker): rejections, idempotence, forwarding, ordering, item step.
+
+The broker, the Faust tables and the online store are replaced by in-memory stand-ins here; the
+same stage runs against the real ones in tests/test_features_e2e.py.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -12,18 +17,44 @@ from feature_store.writer import FeatureWriter
 from streams.agents.features import FeaturesStage, item_partition
 from streams.contracts import Click, Item, Rating
 from streams.pipeline import Accepted
+from streams.state import ItemState, UserState
 
 
 class _Topic:
+    """Records sends; each send's future is done when ``ack`` says so (the broker acknowledged)."""
+
     def __init__(self):
         self.sent = []
+        self.futures = []
+        self.auto_ack = True
 
     async def send(self, *, key, value, partition, force=False):
         self.sent.append((partition, json.loads(value)["d"]))
+        fut = asyncio.get_running_loop().create_future()
+        if self.auto_ack:
+            fut.set_result(None)
+        self.futures.append(fut)
+        return fut
+
+    def ack_all(self):
+        for f in self.futures:
+            if not f.done():
+                f.set_result(None)
 
 
-class _Producer:
-    async def flush(self):
+class _Store:
+    """A state store: a dict per partition; ``writes`` logs what was persisted, in order."""
+
+    def __init__(self):
+        self.data: dict[int, dict[bytes, bytes]] = {}
+        self.writes: list[tuple[int, dict[bytes, bytes]]] = []
+
+    def get(self, key, partition):
+        return self.data.get(partition, {}).get(key)
+
+    async def write(self, partition, values):
+        self.data.setdefault(partition, {}).update(values)
+        self.writes.append((partition, dict(values)))
         return None
 
 
@@ -45,11 +76,7 @@ class _App:
     def __init__(self, settings, catalogue):
         self.settings = settings
         self.catalogue = catalogue
-        self.producer = _Producer()
         self.events = _Topic()
-
-    def Table(self, name, **kw):  # noqa: N802 - Faust's spelling
-        return {}
 
     def topic(self, name, **kw):
         return self.events
@@ -61,6 +88,7 @@ class _Writer(FeatureWriter):
     def __init__(self, settings):
         super().__init__(settings)
         self.users, self.items = {}, {}
+        self.batches = 0
 
     async def _start(self):
         return None
@@ -69,6 +97,7 @@ class _Writer(FeatureWriter):
         return None
 
     async def write_batch(self, user_rows, item_rows):
+        self.batches += 1
         for r in user_rows:
             self.users[r["user_id"]] = r
         for r in item_rows:
@@ -81,11 +110,20 @@ def stage():
     items = [Item(event_id=f"it{k}", event_time=1.0, item_id=f"i{k}", title=f"t{k}", genres=["drama"] if k % 2 else ["comedy"])
              for k in range(5)]
     app = _App(settings, _Catalogue(items))
-    return FeaturesStage(app, writer=_Writer(settings))
+    return FeaturesStage(app, writer=_Writer(settings), stores=(_Store(), _Store()))
 
 
 def _acc(ev, offset, topic="driftrec.clicks", partition=1):
     return Accepted(ev, topic, partition, offset, b"{}")
+
+
+async def _done(result):
+    await asyncio.gather(*result.durable)
+    return result
+
+
+def _forwarded_messages(stage):
+    return [("driftrec.events", p, json.dumps({"d": ds}).encode()) for p, ds in stage.app.events.sent]
 
 
 async def test_rejections_state_rows_and_forwarding(stage):
@@ -97,51 +135,102 @@ async def test_rejections_state_rows_and_forwarding(stage):
         _acc(Click(event_id="x2", event_time=now + 10 * 86400, user_id="u1", item_id="i1"), 11),
         _acc(Rating(event_id="x3", event_time=now, user_id="u1", item_id="i1", rating=float("nan")), 12, "driftrec.ratings"),
     ]
-    rejected = await stage.process_interactions(good + [rating] + bad)
-    await stage.drain()
-    assert sorted(r.reason for _, r in rejected) == ["bad_value", "future_time", "unknown_item"]
+    result = await _done(await stage.process_interactions(good + [rating] + bad))
+    assert sorted(r.reason for _, r in result.rejected) == ["bad_value", "future_time", "unknown_item"]
     row = stage.writer.users["u1"]
     assert (row["click_count"], row["rating_count"], row["mean_rating"]) == (3, 1, 4.0)
     assert json.loads(row["recent_items"]) == ["i1", "i2", "i0"]
     assert json.loads(row["genre_profile"]) == pytest.approx({"comedy": 2 / 3, "drama": 1 / 3}, abs=1e-5)
+    stored = UserState.loads(stage.user_store.get(b"u1", 1))  # what a restarted worker recovers
+    assert (stored.click_count, stored.rating_count) == (3, 1)
     forwarded = [d for _, ds in stage.app.events.sent for d in ds]
     assert len(forwarded) == 4
     assert all(p == item_partition(ds[0][0], 4) for p, ds in stage.app.events.sent)
 
     # the item step: apply what was forwarded; a replayed forward changes nothing
-    msgs = [("driftrec.events", p, json.dumps({"d": ds}).encode()) for p, ds in stage.app.events.sent]
-    await stage.process_item_messages(msgs)
-    await stage.process_item_messages(msgs)
-    await stage.drain()
+    msgs = _forwarded_messages(stage)
+    await asyncio.gather(*await stage.process_item_messages(msgs))
+    await asyncio.gather(*await stage.process_item_messages(msgs))
     assert stage.writer.items["i1"]["popularity_total"] == 2
     assert stage.writer.items["i1"]["rating_count"] == 1
 
-    # crash replay (same positions): user not counted again, interactions re-forwarded, items skip them
+    # crash replay (same positions): nothing counted again, nothing forwarded again (the forwards were
+    # durable before the state was), but the user's state and row are written again
     stage.app.events.sent.clear()
     stage.writer.users.clear()
-    await stage.process_interactions(good + [rating])
-    await stage.drain()
-    assert stage.writer.users == {}
-    assert len([d for _, ds in stage.app.events.sent for d in ds]) == 4
-    await stage.process_item_messages([("driftrec.events", p, json.dumps({"d": ds}).encode())
-                                       for p, ds in stage.app.events.sent])
-    await stage.drain()
-    assert stage.writer.items["i1"]["popularity_total"] == 2
+    writes_before = len(stage.user_store.writes)
+    await _done(await stage.process_interactions(good + [rating]))
+    assert stage.app.events.sent == []
+    assert stage.writer.users["u1"]["click_count"] == 3
+    assert len(stage.user_store.writes) == writes_before + 1
 
-    # a producer duplicate (same ids, new offsets): neither counted nor forwarded
-    stage.app.events.sent.clear()
+    # a producer duplicate (same ids, new offsets): neither counted nor forwarded nor written
+    stage.writer.users.clear()
     dupes = [_acc(a.event, a.offset + 100) for a in good]
-    assert await stage.process_interactions(dupes) == []
-    await stage.drain()
+    result = await _done(await stage.process_interactions(dupes))
+    assert result.rejected == [] and result.durable == []
     assert stage.app.events.sent == [] and stage.writer.users == {}
 
 
+async def test_state_is_persisted_only_after_its_forwards_are_acknowledged(stage):
+    now = time.time()
+    stage.app.events.auto_ack = False
+    result = await stage.process_interactions([_acc(Click(event_id="a", event_time=now, user_id="u3", item_id="i2"), 0)])
+    persist = result.durable[0]
+    await asyncio.sleep(0.05)
+    assert not persist.done() and stage.user_store.get(b"u3", 1) is None
+    stage.app.events.ack_all()
+    await asyncio.wait_for(persist, 2)
+    assert UserState.loads(stage.user_store.get(b"u3", 1)).click_count == 1
+
+
+async def test_persists_keep_batch_order(stage):
+    """A later batch's state never lands before an earlier one's, even if its forwards are acked first."""
+    now = time.time()
+    stage.app.events.auto_ack = False
+    first = await stage.process_interactions([_acc(Click(event_id="a", event_time=now, user_id="u4", item_id="i1"), 0)])
+    first_fwd = stage.app.events.futures[-1]
+    second = await stage.process_interactions([_acc(Click(event_id="b", event_time=now + 1, user_id="u4", item_id="i2"), 1)])
+    stage.app.events.futures[-1].set_result(None)  # the second batch's forward is acknowledged first
+    await asyncio.sleep(0.05)
+    assert not second.durable[0].done() and stage.user_store.writes == []
+    first_fwd.set_result(None)
+    await asyncio.wait_for(asyncio.gather(first.durable[0], second.durable[0]), 2)
+    counts = [UserState.loads(v[b"u4"]).click_count for _, v in stage.user_store.writes]
+    assert counts == [1, 2]
+
+
+async def test_rows_are_coalesced_while_a_write_is_in_flight(stage):
+    now = time.time()
+    gate = asyncio.Event()
+    real = stage.writer.write_batch
+
+    async def slow(users, items):
+        await gate.wait()
+        await real(users, items)
+
+    stage.writer.write_batch = slow
+    results = []
+    for k in range(5):
+        results.append(await stage.process_interactions([_acc(Click(event_id=f"e{k}", event_time=now + k,
+                                                                    user_id="u5", item_id="i1"), k)]))
+        await asyncio.sleep(0)  # the sink starts writing the first batch's rows
+    gate.set()
+    await asyncio.gather(*(d for r in results for d in r.durable))
+    assert stage.writer.users["u5"]["click_count"] == 5
+    assert stage.writer.batches == 2  # the first batch's write, then the four others merged into one
+
+
 async def test_state_survives_a_cache_reset(stage):
-    """The table, not the cache, is the truth (a rebalance clears the cache)."""
+    """The store, not the cache, is the truth (a rebalance clears the cache)."""
     now = time.time()
     batch = [_acc(Click(event_id=f"c{k}", event_time=now - 5 + k, user_id="u2", item_id="i3"), k) for k in range(2)]
-    await stage.process_interactions(batch)
+    await _done(await stage.process_interactions(batch))
     stage.clear_caches()
-    await stage.process_interactions(batch)  # replay after the "rebalance"
-    await stage.drain()
+    await _done(await stage.process_interactions(batch))  # replay after the "rebalance"
     assert stage.writer.users["u2"]["click_count"] == 2
+    msgs = _forwarded_messages(stage)
+    await asyncio.gather(*await stage.process_item_messages(msgs))
+    stage.clear_caches()
+    await asyncio.gather(*await stage.process_item_messages(msgs))
+    assert ItemState.loads(stage.item_store.get(b"i3", msgs[0][1])).popularity_total == 2

@@ -17,6 +17,7 @@ from streams.state import (
     UserState,
     Verdict,
     genre_profile,
+    genre_weights,
 )
 
 HALF_LIFE = 3600.0
@@ -50,7 +51,7 @@ def _items(events):
 
 
 def _row(state, uid):
-    return state.feature_row(uid, lambda i: ["g" + str(int(i[1:]) % 3)])
+    return state.feature_row(uid, lambda i: genre_weights(["g" + str(int(i[1:]) % 3)]))
 
 
 def test_user_counts_mean_recent():
@@ -68,12 +69,18 @@ def test_user_counts_mean_recent():
     assert u.recent_item_ids == ["i3", "i1"]  # distinct, newest first, bounded
 
 
+def _arriving(events, source="c0"):
+    """The events as records of one partition in this arrival order (offsets follow arrival)."""
+    return [Interaction(e.event_id, e.event_time, e.user_id, e.item_id, e.kind, e.rating, source, n)
+            for n, e in enumerate(events)]
+
+
 def test_user_features_do_not_depend_on_arrival_order():
     events = _events()
-    ordered = _users(events)
+    ordered = _users(_arriving(events))
     shuffled = list(events)
     random.Random(7).shuffle(shuffled)
-    other = _users(shuffled)
+    other = _users(_arriving(shuffled))
     for uid, st in ordered.items():
         assert _row(other[uid], uid) == _row(st, uid)
 
@@ -122,9 +129,26 @@ def test_dedupe_memory_survives_serialization_and_is_bounded():
     restored = UserState.loads(st.dumps())  # a restart: state comes back from the changelog
     assert restored == st
     assert restored.apply(events[-1], dedupe_ids=50) is Verdict.REDELIVERED
-    # ids the memory forgot: older than the floor -> skipped as late, never double counted
-    assert restored.apply(events[0], dedupe_ids=50) is Verdict.LATE
+    assert restored.apply(events[0], dedupe_ids=50) is Verdict.REDELIVERED  # by offset: nothing forgotten
+    # the same event from another record after the memory forgot its id: older than the floor ->
+    # skipped as late, never double counted
+    e = events[0]
+    again = Interaction(e.event_id, e.event_time, e.user_id, e.item_id, e.kind, e.rating, "c9", 10_000)
+    assert restored.apply(again, dedupe_ids=50) is Verdict.LATE
     assert restored.click_count + restored.rating_count == 200
+
+
+def test_redelivery_is_judged_per_source_partition():
+    st = UserState()
+    t = 1_700_000_000.0
+    assert st.apply(Interaction("a", t, "u", "i1", CLICK, source="c2", offset=7)) is Verdict.NEW
+    # another source partition's offsets are independent: offset 3 of r2 is new
+    assert st.apply(Interaction("b", t + 1, "u", "i2", RATING, 4.0, "r2", 3)) is Verdict.NEW
+    assert st.apply(Interaction("a", t, "u", "i1", CLICK, source="c2", offset=7)) is Verdict.REDELIVERED
+    # a duplicate moves the mark too: replaying it later is a redelivery, not a second duplicate count
+    assert st.apply(Interaction("b", t + 1, "u", "i2", RATING, 4.0, "r2", 9)) is Verdict.DUPLICATE
+    assert st.apply(Interaction("b", t + 1, "u", "i2", RATING, 4.0, "r2", 9)) is Verdict.REDELIVERED
+    assert (st.click_count, st.rating_count, st.hw) == (1, 1, {"c2": 7, "r2": 9})
 
 
 def test_item_replay_by_source_offset():
@@ -144,7 +168,7 @@ def test_genre_profile():
     assert genre_profile([], genres.get) == {}
     many = {f"i{k}": [f"g{k}"] for k in range(10)}
     assert len(genre_profile(list(many), many.get)) == 5
-    row = UserState().feature_row("u", genres.get)
+    row = UserState().feature_row("u", lambda i: genre_weights(genres.get(i)))
     assert json.loads(row["recent_items"]) == [] and json.loads(row["genre_profile"]) == {}
 
 

@@ -1,54 +1,59 @@
 """The features stage: clicks and ratings -> running user and item state -> Feast online store.
 
-Two steps, each batched (Faust's per-event cost is the bottleneck, so everything here works on
-the ingest agent's batches, not per event):
+Two steps, each over whole batches (:mod:`streams.batching`; per-event work is what limits a Faust
+worker, so nothing here is done per event that can be done per batch):
 
-1. **User step** - a pipeline stage (``app.pipeline.register("features", ...)``) over the
-   ingest agent's batches of clicks and ratings, which are keyed by user id. Rejects what it
-   cannot use (unknown item, non-finite or far-future time, non-finite rating) back to the ingest
-   agent, which dead-letters it. Applies each event to the user's :class:`~streams.state.UserState`
-   (deduplicated by event id; :mod:`streams.state`), forwards the interactions re-keyed by item id to
-   the ``topics.events`` topic (one message per target partition per batch), stores the touched user
-   states in the ``features-users`` table (changelogged) and writes one row per touched user to the
-   online store.
-2. **Item step** - an agent over ``topics.events`` that applies the forwarded interactions to the
-   item states (``features-items`` table, deduplicated by source offset) and writes one row per
-   touched item per batch.
+1. **User step** - a pipeline stage over the ingest agent's batches of clicks and ratings, which are
+   keyed by user id. Rejects what it cannot use (unknown item, non-finite or far-future time,
+   non-finite rating) back to the ingest agent, which dead-letters it. Applies each event to the
+   user's :class:`~streams.state.UserState` (:mod:`streams.state`: redeliveries skipped by source
+   offset, duplicates by event id), forwards the new interactions re-keyed by item id to the
+   ``topics.events`` topic (one message per target partition per batch), stores every touched user
+   state once in the ``features-users`` table (changelogged) and writes one row per touched user to
+   the online store.
+2. **Item step** - a batch agent over ``topics.events`` that applies the forwarded interactions to
+   the item states (``features-items`` table; replays skipped by source offset) and writes one row
+   per touched item per batch.
 
-Crash safety (at-least-once everywhere): Faust flushes its producer (changelogs, forwards) before
-it commits offsets, and the stage hooks that flush so that it also waits for the online-store
-write in flight (writes overlap the next batch, one at a time, in order). So committed offsets
-imply durable state, forwards and rows. A crash replays the uncommitted records: the user memory
-recognises the ones already applied (``redelivered``) and forwards them again; the item states,
-which remember the highest source offset applied per source partition, skip what they already
-have. Online-store rows are a projection of the state (row = f(state)), so re-writing them after a
-replay is harmless.
+Durability and ordering (at-least-once everywhere; a batch is acknowledged only when all of it is
+durable, so committed offsets imply durable state, forwards and rows):
 
-Table partitions: the changelog partition of a table key is the partition of the source record
+* a user state is persisted (local store + changelog, :class:`~streams.changelog.TableWriter`) only
+  after the batch's forwards are acknowledged by the broker - so a state that says "applied" never
+  has a forward that could still be lost, and a redelivered interaction need not be forwarded again;
+* persists of one table run one batch after the other (a later batch never overtakes an earlier one
+  in the store or the changelog);
+* rows go through a :class:`~feature_store.sink.RowSink`: one online-store write in flight, later
+  rows coalesced per entity;
+* a redelivered event (a replay after a crash or a rebalance) re-writes its entity's state and row,
+  in case the crash came before they were durable.
+
+Table partitions: the changelog partition of a table key is the partition of its source records
 (clicks/ratings partition p -> users table partition p; events partition p -> items table
-partition p). Batches mix partitions, so the stage sets Faust's current-event context to the
-record's partition around every table access (:func:`in_partition`).
+partition p).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
 import math
 import time
-import weakref
 import zlib
 from collections import defaultdict
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence
+
+import orjson
 
 from driftrec import metrics
+from feature_store.sink import RowSink
 from feature_store.writer import FeatureWriter, create_writer
+from streams.batching import MessageBatch, batch_agent
+from streams.changelog import StateStore, TableWriter
 from streams.contracts import Click, Rating
-from streams.pipeline import Accepted, Rejection
-from streams.state import CLICK, RATING, Interaction, ItemDelta, ItemState, UserState, Verdict, source_code
+from streams.pipeline import Accepted, StageResult
+from streams.state import (CLICK, RATING, Interaction, ItemDelta, ItemState, UserState, Verdict, forward_record,
+                           genre_weights, source_code)
 from streams.validation import Rejected
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -59,159 +64,183 @@ log = logging.getLogger(__name__)
 USERS_TABLE = "features-users"
 ITEMS_TABLE = "features-items"
 _CACHE_MAX = 200_000
-_DEBUG = bool(__import__("os").environ.get("DRIFTREC_FEATURES_DEBUG"))
-_WRITE_RETRIES = (0.1, 0.5, 1.0)
-
-
-# --- Faust current-event context -------------------------------------------------------------
-
-
-@dataclass
-class _Message:
-    topic: str
-    partition: int
-
-
-class _PartitionEvent:
-    """Stands in for a Faust event where tables only look at ``event.message.{topic,partition}``."""
-
-    __slots__ = ("message", "__weakref__")
-
-    def __init__(self, topic: str, partition: int) -> None:
-        self.message = _Message(topic, partition)
-
-
-@contextlib.contextmanager
-def in_partition(topic: str, partition: int) -> Iterator[None]:
-    """Table reads/writes inside go to ``partition`` (store and changelog), as for a record of it."""
-    from faust.streams import _current_event
-
-    ev = _PartitionEvent(topic, partition)
-    token = _current_event.set(weakref.ref(ev))
-    try:
-        yield
-    finally:
-        _current_event.reset(token)
 
 
 def item_partition(item_id: str, partitions: int) -> int:
     return zlib.crc32(item_id.encode()) % partitions
 
 
-# --- the stage ---------------------------------------------------------------------------------
+class _Persister:
+    """Persists batches of one table's states: in batch order, with several batches in flight.
+
+    Batch N's writes are issued (local store, changelog records to the producer) once its own
+    ``after`` awaitables are done *and* batch N-1's writes have been issued - so the store and each
+    changelog partition see the batches in order - and complete when the broker acknowledges them,
+    while later batches are issued behind. A failure stops the chain: no later batch is persisted
+    (none is acknowledged either, so all of them are replayed after a restart), and ``on_failure``
+    is told - the worker cannot go on without its state.
+    """
+
+    def __init__(self, store: StateStore, on_failure: Callable[[BaseException], None] | None = None) -> None:
+        self.store = store
+        self.on_failure = on_failure
+        self._issued: asyncio.Future | None = None  # the previous batch's writes are issued
+        self._tail: asyncio.Future | None = None  # the previous batch is durable
+        self.failed: BaseException | None = None
+
+    def persist(self, values: dict[int, dict[bytes, bytes]], after: Sequence[Awaitable] = ()) -> asyncio.Future:
+        """Write ``{partition: {key: state bytes}}`` once ``after`` and the earlier batches' writes are done."""
+        prev_issued, after = self._issued, list(after)
+        issued = self._issued = asyncio.get_running_loop().create_future()
+
+        async def run() -> None:
+            try:
+                if after:
+                    await asyncio.gather(*after)
+                if prev_issued is not None:
+                    await prev_issued  # raises if an earlier batch failed: the chain stops there
+                if self.failed is not None:
+                    raise RuntimeError("an earlier batch's state could not be persisted") from self.failed
+                acks = [a for p, vals in sorted(values.items()) if (a := await self.store.write(p, vals)) is not None]
+            except BaseException as exc:
+                self._fail(exc)
+                issued.set_exception(exc)
+                raise
+            issued.set_result(None)
+            try:
+                if acks:
+                    await asyncio.gather(*acks)
+            except BaseException as exc:
+                self._fail(exc)
+                raise
+
+        self._tail = fut = asyncio.ensure_future(run())
+        fut.add_done_callback(_quiet)
+        issued.add_done_callback(_quiet)
+        return fut
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.failed is None and not isinstance(exc, asyncio.CancelledError):
+            self.failed = exc
+            log.critical("features: state could not be persisted (%r); no later batch will be", exc)
+            if self.on_failure is not None:
+                self.on_failure(exc)
+
+    async def settle(self) -> None:
+        """Wait for the persists started so far (failed ones included)."""
+        tail = self._tail
+        if tail is not None:
+            await asyncio.wait([tail])
+
+
+def _quiet(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()  # retrieved here; the batch's acker reports it
 
 
 class FeaturesStage:
-    def __init__(self, app: "DriftrecApp", writer: FeatureWriter | None = None) -> None:
+    def __init__(self, app: "DriftrecApp", writer: FeatureWriter | None = None,
+                 stores: tuple[StateStore, StateStore] | None = None) -> None:
+        """``stores`` (user, item) replaces the Faust tables - for tests of the stage alone."""
         self.app = app
         self.settings = s = app.settings
         t = s.topics
         self.topic_codes = {t.clicks.name: "c", t.ratings.name: "r"}
-        self.events_topic_name = t.events.name
         self.events_partitions = t.events.partitions
         if t.clicks.partitions != t.ratings.partitions:
             raise ValueError("clicks and ratings must be co-partitioned (same partition count)")
         raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
-        # bytes keys and values: raw serializers (the states serialize themselves)
-        self.users = app.Table(USERS_TABLE, partitions=t.clicks.partitions, help="features: user state",
-                               key_type=bytes, value_type=bytes)
-        self.items = app.Table(ITEMS_TABLE, partitions=t.events.partitions, help="features: item state",
-                               key_type=bytes, value_type=bytes)
         self.events_topic = app.topic(t.events.name, partitions=t.events.partitions, **raw)
+        if stores is None:
+            # bytes keys and values (the states serialize themselves)
+            users = app.Table(USERS_TABLE, partitions=t.clicks.partitions, help="features: user state",
+                              key_type=bytes, value_type=bytes)
+            items = app.Table(ITEMS_TABLE, partitions=t.events.partitions, help="features: item state",
+                              key_type=bytes, value_type=bytes)
+            stores = (TableWriter(app, users), TableWriter(app, items))
+        self.user_store, self.item_store = stores
+        crash = getattr(app, "crash_soon", None)
+        self._user_persist = _Persister(self.user_store, crash)
+        self._item_persist = _Persister(self.item_store, crash)
         self.writer = writer or create_writer(s)
+        self.rows = RowSink(self.writer)
         self.half_life = s.feast.popularity_half_life_s
+        self.recent_items = s.stream.recent_items
+        self.dedupe_ids = s.stream.dedupe_ids
         self._users: dict[bytes, UserState] = {}
         self._items: dict[bytes, ItemState] = {}
-        self._pending_users: dict[str, dict] = {}
-        self._pending_items: dict[str, dict] = {}
         self._catalogue_ready = False
-        self._inflight: asyncio.Future | None = None
-        # item id -> genres, cached while the catalogue tells us about changes
-        self._genres: dict[str, tuple | None] = {}
+        self._unknown_since: dict[str, float] = {}  # unknown item id -> when first seen (monotonic)
+        # item id -> genre weights, cached while the catalogue tells us about changes
+        self._weights: dict[str, tuple] = {}
         cat = getattr(app, "catalogue", None)
-        self._genres_cached = hasattr(cat, "on_item")
-        if self._genres_cached:
+        self._weights_cached = hasattr(cat, "on_item")
+        if self._weights_cached:
             cat.on_item(self._on_catalogue_item)
-        self._commit_hooked = False
         self._skipped = {v: metrics.FEATURE_EVENTS_SKIPPED.labels(reason=v.value)
                          for v in (Verdict.REDELIVERED, Verdict.DUPLICATE, Verdict.LATE)}
         self._replayed = metrics.FEATURE_EVENTS_SKIPPED.labels(reason="replayed")
-        self._write_failures = metrics.FEATURE_WRITE_FAILURES.labels(store=self.writer.store_name)
 
     # -- caches mirror the tables; a rebalance (or recovery) invalidates them
     def clear_caches(self, *_args: Any, **_kwargs: Any) -> None:
         self._users.clear()
         self._items.clear()
 
-    def _user_state(self, key: bytes, topic: str, partition: int) -> UserState:
-        st = self._users.get(key)
-        if st is None:
-            with in_partition(topic, partition):
-                raw = self.users.get(key)
-            st = self._users[key] = UserState.loads(raw)
-        return st
-
-    def _item_state(self, key: bytes, topic: str, partition: int) -> ItemState:
-        st = self._items.get(key)
-        if st is None:
-            with in_partition(topic, partition):
-                raw = self.items.get(key)
-            st = self._items[key] = ItemState.loads(raw)
-        return st
-
-    @staticmethod
-    def _store(table, touched: dict[bytes, tuple[str, int, str]], states: dict) -> None:
-        """Write the touched states to the table, one current-event context per source partition."""
-        by_partition: dict[tuple[str, int], list[bytes]] = defaultdict(list)
-        for key, (topic, partition, _id) in touched.items():
-            by_partition[(topic, partition)].append(key)
-        for (topic, partition), keys in by_partition.items():
-            with in_partition(topic, partition):
-                for key in keys:
-                    table[key] = states[key].dumps()
-
     # -- catalogue
     @property
     def catalogue(self):
         return getattr(self.app, "catalogue", None)
 
-    def genres_of(self, item_id: str):
-        try:
-            return self._genres[item_id]
-        except KeyError:
-            pass
+    def weights_of(self, item_id: str) -> tuple:
+        """An item's genre weights for the user's genre profile (cached while the catalogue reports changes)."""
+        weights = self._weights.get(item_id)
+        return weights if weights is not None else self._load_weights(item_id)
+
+    def _load_weights(self, item_id: str) -> tuple:
         cat = self.catalogue
         item = cat.get(item_id) if cat is not None else None
-        genres = tuple(item.genres) if item is not None and item.genres else None
-        if self._genres_cached:  # only with change notifications from the catalogue
-            self._genres[item_id] = genres
-        return genres
+        weights = genre_weights(item.genres if item is not None else None)
+        if self._weights_cached:  # only with change notifications from the catalogue
+            self._weights[item_id] = weights
+        return weights
 
     def _on_catalogue_item(self, item) -> None:
-        self._genres.pop(getattr(item, "item_id", None), None)
+        self._weights.pop(getattr(item, "item_id", None), None)
 
     async def _known_items(self, batch: Sequence[Accepted]) -> set[str]:
         cat = self.catalogue
+        wanted = {a.event.item_id for a in batch}
         if cat is None:
-            return {a.event.item_id for a in batch}
+            return wanted
         if not self._catalogue_ready:
             if not await cat.wait_caught_up(timeout=30.0):
                 log.warning("features: the catalogue has not caught up after 30 s; checking items against what it has")
             self._catalogue_ready = True
-        wanted = {a.event.item_id for a in batch}
-        deadline = time.monotonic() + self.settings.stream.unknown_item_grace_s
-        while True:
-            missing = {i for i in wanted if i not in cat}
-            if not missing or time.monotonic() >= deadline:
-                return wanted - missing
-            await asyncio.sleep(0.05)  # an item produced just before its first click may still be on its way
+        missing = {i for i in wanted if i not in cat}
+        if not missing:
+            return wanted
+        # An item produced just before its first click may still be on its way: give every unknown id
+        # the grace period once, counted from when it was first seen (a stream of clicks on ids that
+        # never come must not stall every batch for the whole grace).
+        now = time.monotonic()
+        grace = self.settings.stream.unknown_item_grace_s
+        first_seen = self._unknown_since
+        deadline = max(first_seen.setdefault(i, now) for i in missing) + grace
+        while missing and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            missing = {i for i in missing if i not in cat}
+        if len(first_seen) > 100_000:
+            first_seen.clear()
+        for i in wanted - missing:
+            first_seen.pop(i, None)
+        return wanted - missing
 
-    def _check(self, acc: Accepted, now: float, known: set[str]) -> Rejected | None:
-        ev = acc.event
-        if not isinstance(ev.event_time, (int, float)) or not math.isfinite(ev.event_time):
+    def _check(self, ev, now: float, known: set[str]) -> Rejected | None:
+        t = ev.event_time
+        if not isinstance(t, (int, float)) or not math.isfinite(t):
             return Rejected("bad_value", "event_time must be finite")
-        if ev.event_time > now + self.settings.stream.max_future_skew_s:
-            return Rejected("future_time", f"event_time {ev.event_time} is {ev.event_time - now:.0f}s in the future")
+        if t > now + self.settings.stream.max_future_skew_s:
+            return Rejected("future_time", f"event_time {t} is {t - now:.0f}s in the future")
         if isinstance(ev, Rating) and (ev.rating is None or not math.isfinite(ev.rating)):
             return Rejected("bad_value", "rating must be finite")
         if ev.item_id not in known:
@@ -219,176 +248,126 @@ class FeaturesStage:
         return None
 
     # -- step 1: users
-    async def process_interactions(self, batch: Sequence[Accepted]) -> list[Rejection]:
+    async def process_interactions(self, batch: Sequence[Accepted]) -> StageResult:
         batch = [a for a in batch if isinstance(a.event, (Click, Rating)) and a.topic in self.topic_codes]
+        result = StageResult()
         if not batch:
-            return []
-        if len(self._users) >= _CACHE_MAX:  # only between batches: touched states live in the cache until stored
-            self._users.clear()
+            return result
+        cache = self._users
+        if len(cache) >= _CACHE_MAX:  # between batches only: touched states live in the cache until stored
+            cache.clear()
         now = time.time()
-        _p0 = time.perf_counter()
         known = await self._known_items(batch)
-        _p1 = time.perf_counter()
-        rejections: list[Rejection] = []
-        touched: dict[bytes, tuple[str, int, str]] = {}  # user key -> (topic, partition, user id)
+        touched: dict[bytes, tuple[int, str]] = {}  # user key -> (partition, user id)
         forward: dict[int, list[list]] = defaultdict(list)
+        codes, recent_items, dedupe_ids = self.topic_codes, self.recent_items, self.dedupe_ids
+        sources: dict[tuple[str, int], str] = {}
         for acc in batch:
-            bad = self._check(acc, now, known)
-            if bad is not None:
-                rejections.append((acc, bad))
-                continue
             ev = acc.event
-            inter = Interaction(
-                event_id=ev.event_id, event_time=float(ev.event_time), user_id=ev.user_id, item_id=ev.item_id,
-                kind=RATING if isinstance(ev, Rating) else CLICK,
-                rating=float(ev.rating) if isinstance(ev, Rating) else None,
-                source=source_code(self.topic_codes[acc.topic], acc.partition), offset=acc.offset,
-            )
+            bad = self._check(ev, now, known)
+            if bad is not None:
+                result.rejected.append((acc, bad))
+                continue
+            is_rating = isinstance(ev, Rating)
+            inter = Interaction(ev.event_id, float(ev.event_time), ev.user_id, ev.item_id,
+                                RATING if is_rating else CLICK, float(ev.rating) if is_rating else None,
+                                sources.get((acc.topic, acc.partition))
+                                or sources.setdefault((acc.topic, acc.partition),
+                                                      source_code(codes[acc.topic], acc.partition)),
+                                acc.offset)
             key = ev.user_id.encode()
-            state = self._user_state(key, acc.topic, acc.partition)
-            verdict = state.apply(inter, recent_items=self.settings.stream.recent_items,
-                                  dedupe_ids=self.settings.stream.dedupe_ids)
+            state = cache.get(key)
+            if state is None:
+                state = cache[key] = UserState.loads(self.user_store.get(key, acc.partition))
+            verdict = state.apply(inter, recent_items=recent_items, dedupe_ids=dedupe_ids)
             if verdict is Verdict.NEW:
-                touched[key] = (acc.topic, acc.partition, ev.user_id)
+                touched[key] = (acc.partition, ev.user_id)
+                forward[item_partition(ev.item_id, self.events_partitions)].append(forward_record(inter))
             else:
                 self._skipped[verdict].inc()
-            if verdict in (Verdict.NEW, Verdict.REDELIVERED):
-                forward[item_partition(ev.item_id, self.events_partitions)].append(ItemDelta.of(inter).to_list())
-        _p2 = time.perf_counter()
-        # 1. forward re-keyed by item (buffered; Faust flushes its producer before every offset commit)
-        self._hook_commit()
-        for p, deltas in sorted(forward.items()):
-            await self.events_topic.send(key=b"features", value=json.dumps({"d": deltas}, separators=(",", ":")).encode(),
-                                         partition=p, force=True)
-        _p3 = time.perf_counter()
-        # 2. state -> changelogged table
-        self._store(self.users, touched, self._users)
-        rows = [self._users[key].feature_row(user_id, self.genres_of) for key, (_t, _p, user_id) in touched.items()]
-        # 3. rows -> online store, overlapping the next batch (see _submit)
-        _p4 = time.perf_counter()
-        if rows:
-            await self._submit(rows, [])
-        _p5 = time.perf_counter()
-        if _DEBUG:  # DRIFTREC_FEATURES_DEBUG=1: per-batch phase timings (profiling aid)
-            log.warning("features batch n=%d users=%d known=%.1fms apply=%.1fms fwd=%.1fms table=%.1fms write=%.1fms",
-                        len(batch), len(rows), (_p1-_p0)*1e3, (_p2-_p1)*1e3, (_p3-_p2)*1e3, (_p4-_p3)*1e3, (_p5-_p4)*1e3)
-        return rejections
+                if verdict is Verdict.REDELIVERED:
+                    touched[key] = (acc.partition, ev.user_id)  # it may not have been durable yet
+        if not touched:
+            return result
+        sends = [await self.events_topic.send(key=b"features", value=orjson.dumps({"d": deltas}), partition=p)
+                 for p, deltas in sorted(forward.items())]
+        values: dict[int, dict[bytes, bytes]] = defaultdict(dict)
+        rows = []
+        for key, (partition, user_id) in touched.items():
+            state = cache[key]
+            values[partition][key] = state.dumps()
+            rows.append(state.feature_row(user_id, self.weights_of))
+        result.durable.append(self._user_persist.persist(values, after=sends))
+        result.durable.append(self.rows.submit(rows, []))
+        return result
 
     # -- step 2: items
-    async def process_item_messages(self, messages: Sequence[tuple[str, int, bytes]]) -> int:
-        """Apply forwarded interactions ``(topic, partition, value)``; returns the rows written."""
-        if len(self._items) >= _CACHE_MAX:
-            self._items.clear()
-        touched: dict[bytes, tuple[str, int, str]] = {}
+    async def process_item_messages(self, messages: Sequence[tuple[str, int, bytes]]) -> list[Awaitable]:
+        """Apply forwarded interactions ``(topic, partition, value)``; returns what makes them durable."""
+        cache = self._items
+        if len(cache) >= _CACHE_MAX:
+            cache.clear()
+        touched: dict[bytes, tuple[int, str]] = {}
+        half_life = self.half_life
         for topic, partition, value in messages:
             try:
-                deltas = [ItemDelta.from_list(v) for v in json.loads(value)["d"]]
+                deltas = [ItemDelta.from_list(v) for v in orjson.loads(value)["d"]]
             except (ValueError, KeyError, TypeError, IndexError):
                 log.error("features: skipping a malformed message on %s[%d]", topic, partition)
                 continue
             for d in deltas:
                 key = d.item_id.encode()
-                state = self._item_state(key, topic, partition)
-                if state.apply(d, half_life_s=self.half_life):
-                    touched[key] = (topic, partition, d.item_id)
-                else:
-                    self._replayed.inc()
-        self._store(self.items, touched, self._items)
-        rows = [self._items[key].feature_row(item_id) for key, (_t, _p, item_id) in touched.items()]
-        if rows:
-            self._hook_commit()
-            await self._submit([], rows)
-        return len(rows)
-
-    async def _write(self, user_rows: list[dict], item_rows: list[dict]) -> None:
-        """Write rows (plus any left over from a failed write); never raises: the state is the truth."""
-        if self._pending_users or self._pending_items:
-            merged_u = {**self._pending_users, **{r["user_id"]: r for r in user_rows}}
-            merged_i = {**self._pending_items, **{r["item_id"]: r for r in item_rows}}
-            user_rows, item_rows = list(merged_u.values()), list(merged_i.values())
-            self._pending_users, self._pending_items = {}, {}
-        for attempt, pause in enumerate((*_WRITE_RETRIES, None)):
-            try:
-                await self.writer.write_batch(user_rows, item_rows)
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001 - online store away: retry, then carry the rows over
-                self._write_failures.inc()
-                if pause is None:
-                    log.exception("features: online-store write failed %d times; keeping %d+%d rows for the next batch",
-                                  attempt + 1, len(user_rows), len(item_rows))
-                    self._pending_users.update({r["user_id"]: r for r in user_rows})
-                    self._pending_items.update({r["item_id"]: r for r in item_rows})
-                    return
-                log.warning("features: online-store write failed (attempt %d); retrying in %.1f s", attempt + 1, pause)
-                await asyncio.sleep(pause)
-
-    async def _submit(self, user_rows: list[dict], item_rows: list[dict]) -> None:
-        """Start writing rows once the previous write is done (one write in flight, in batch order).
-
-        The write of batch N overlaps the processing of batch N+1. It still completes before the
-        offsets of batch N are committed: :meth:`_hook_commit` makes the producer flush that Faust
-        runs before every commit wait for the write in flight too.
-        """
-        await self.drain()
-        self._inflight = asyncio.ensure_future(self._write(user_rows, item_rows))
+                state = cache.get(key)
+                if state is None:
+                    state = cache[key] = ItemState.loads(self.item_store.get(key, partition))
+                if not state.apply(d, half_life_s=half_life):
+                    self._replayed.inc()  # re-written below all the same (it may not have been durable)
+                touched[key] = (partition, d.item_id)
+        if not touched:
+            return []
+        values: dict[int, dict[bytes, bytes]] = defaultdict(dict)
+        rows = []
+        for key, (partition, item_id) in touched.items():
+            state = cache[key]
+            values[partition][key] = state.dumps()
+            rows.append(state.feature_row(item_id))
+        return [self._item_persist.persist(values), self.rows.submit([], rows)]
 
     async def drain(self) -> None:
-        """Wait for the online-store write in flight (if any)."""
-        task = self._inflight
-        if task is not None:
-            await asyncio.shield(task)
-            if self._inflight is task:
-                self._inflight = None
-
-    def _hook_commit(self) -> None:
-        """Offsets are committed only after the rows of their batches are in the online store."""
-        if self._commit_hooked:
-            return
-        producer = self.app.producer
-        flush = producer.flush
-
-        async def flush_then_commit() -> None:
-            await self.drain()
-            await flush()
-
-        producer.flush = flush_then_commit
-        self._commit_hooked = True
-
-    async def flush_pending(self) -> None:
-        if self._pending_users or self._pending_items:
-            await self._submit([], [])
+        """Wait for everything submitted so far: persists and online-store writes (tests, rebalances)."""
+        for persister in (self._user_persist, self._item_persist):
+            await persister.settle()
+        await self.rows.drain()
 
 
 def register(app: "DriftrecApp") -> FeaturesStage:
-    settings = app.settings
     stage = FeaturesStage(app)
     app.features = stage  # type: ignore[attr-defined] - for tests and the bench
     app.pipeline.register("features", stage.process_interactions, types=(Click.TYPE, Rating.TYPE))
+    seconds = metrics.AGENT_PROCESSING_SECONDS.labels(agent="features_items")
 
-    @app.agent(stage.events_topic, name="driftrec.features.items")
-    async def item_features(stream):
-        async for events in stream.take_events(settings.stream.batch_size, within=settings.stream.batch_window_s):
-            started = time.perf_counter()
-            await stage.process_item_messages(
-                [(e.message.topic, e.message.partition, e.value) for e in events])
-            metrics.AGENT_PROCESSING_SECONDS.labels(agent="features_items").observe(time.perf_counter() - started)
+    async def item_features(batch: MessageBatch) -> list[Awaitable]:
+        started = time.perf_counter()
+        durable = await stage.process_item_messages([(m.topic, m.partition, m.value) for m in batch.messages])
+        seconds.observe(time.perf_counter() - started)
+        return durable
+
+    batch_agent(app, [stage.events_topic], name="driftrec.features.items", handler=item_features)
 
     @app.task
     async def start_feature_writer() -> None:
         await stage.writer.start()
 
-    @app.timer(interval=1.0)
-    async def retry_feature_writes() -> None:
-        await stage.flush_pending()
+    async def on_rebalance(*_args: Any, **_kwargs: Any) -> None:
+        # The caches may hold partitions that move away; states still being persisted must reach
+        # the store first, or a later cache miss would read an older state.
+        timeout = max(float(app.conf.broker_session_timeout) * 0.4, 1.0)
+        try:
+            await asyncio.wait_for(stage.drain(), timeout)
+        except asyncio.TimeoutError:
+            log.warning("features: writes still pending %.0f s into a rebalance", timeout)
+        stage.clear_caches()
 
-    app.on_partitions_revoked.connect(_async_handler(stage.clear_caches))
-    app.on_partitions_assigned.connect(_async_handler(stage.clear_caches))
+    app.on_partitions_revoked.connect(on_rebalance)
+    app.on_partitions_assigned.connect(on_rebalance)
     return stage
-
-
-def _async_handler(fn):
-    async def handler(*args: Any, **kwargs: Any) -> None:
-        fn()
-    return handler

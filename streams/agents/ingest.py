@@ -1,16 +1,15 @@
 """The ingest agent: validate every inbound event; good ones to the pipeline, bad ones to dead letters.
 
-One agent reads the raw bytes of the clicks, ratings, items and recommendation-request topics in
-batches. Each record is validated against its topic's contract (:mod:`streams.validation`); a
-record that fails, or that a pipeline stage rejects, goes to the dead-letter topic with its original
-bytes, key, source position and the reason. Offsets are committed only after the batch has been
-handled and its dead letters acknowledged by the broker, so a crash redelivers rather than loses;
-stages are idempotent by ``event_id``.
+One agent reads the raw bytes of the clicks, ratings, items and recommendation-request topics a
+fetch at a time (:mod:`streams.batching`). Each record is validated against its topic's contract
+(:mod:`streams.validation`); a record that fails, or that a pipeline stage rejects, goes to the
+dead-letter topic with its original bytes, key, source position and the reason. A batch's records
+are acknowledged (their offsets may be committed) only after every stage's outputs for it and its
+dead letters are durable, so a crash redelivers rather than loses; stages are idempotent.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import logging
 import time
@@ -18,7 +17,8 @@ from typing import TYPE_CHECKING
 
 from driftrec import metrics
 from streams.contracts import Click, DeadLetter, Item, Rating, RecommendationRequest, new_event_id
-from streams.pipeline import Accepted
+from streams.batching import MessageBatch, batch_agent
+from streams.pipeline import Accepted, StageResult
 from streams.validation import Limits, Rejected, validate
 
 if TYPE_CHECKING:
@@ -57,49 +57,54 @@ def register(app: "DriftrecApp") -> None:
     settings = app.settings
     types = topic_types(app)
     limits = Limits.from_settings(settings)
-    source = app.topic(*types, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+    sources = [app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+               for name in types]
     dlq = app.topic(settings.topics.dead_letters.name, key_serializer="raw", value_serializer="raw")
+    ok = {t: metrics.EVENTS_INGESTED.labels(event_type=label, outcome="ok") for t, label in _TYPE_LABEL.items()}
+    seconds = metrics.AGENT_PROCESSING_SECONDS.labels(agent="ingest")
 
-    async def send_dead_letters(rejections: list[tuple[Accepted | None, Rejected, dict]]) -> None:
+    async def send_dead_letters(rejections: list[tuple[Rejected, dict]]) -> list:
         futures = []
-        for _acc, rej, where in rejections:
+        for rej, where in rejections:
             letter = dead_letter(rej, **where)
-            fut = await dlq.send(key=letter.source_topic.encode(), value=letter.dumps())
-            futures.append(fut)
+            futures.append(await dlq.send(key=letter.source_topic.encode(), value=letter.dumps()))
             metrics.DEAD_LETTERS.labels(reason=rej.reason).inc()
             etype = types.get(where["topic"], "unknown")
             metrics.EVENTS_INGESTED.labels(event_type=_TYPE_LABEL.get(etype, "unknown"), outcome="dead_lettered").inc()
-        # At-least-once: the batch is acked (and its offsets committed) only once the broker has them.
-        await asyncio.gather(*futures)
+        return futures
 
-    @app.agent(source, name="driftrec.ingest")
-    async def ingest(stream):
-        async for events in stream.take_events(settings.stream.batch_size, within=settings.stream.batch_window_s):
-            started = time.perf_counter()
-            accepted: list[Accepted] = []
-            rejections: list[tuple[Accepted | None, Rejected, dict]] = []
-            for ev in events:
-                msg = ev.message
-                raw = ev.value if isinstance(ev.value, (bytes, type(None))) else bytes(ev.value)
-                where = dict(topic=msg.topic, raw=raw, key=msg.key, partition=msg.partition, offset=msg.offset)
-                result = validate(raw, limits=limits, expected_type=types[msg.topic])
-                if isinstance(result, Rejected):
-                    rejections.append((None, result, where))
-                else:
-                    accepted.append(Accepted(result, msg.topic, msg.partition, msg.offset, raw, msg.key))
-            try:
-                stage_rejections = await app.pipeline.dispatch(accepted)
-            except Exception as exc:  # noqa: BLE001 - a stage bug must not kill the worker
-                # Crash semantics would redeliver the same batch forever; park it instead.
-                log.exception("pipeline failed on a batch of %d events; dead-lettering them", len(accepted))
-                stage_rejections = [(a, Rejected("processing", f"pipeline error: {exc!r}"[:300])) for a in accepted]
-            bad = {id(a) for a, _ in stage_rejections}
-            for acc, rej in stage_rejections:
-                rejections.append((acc, rej, dict(topic=acc.topic, raw=acc.raw, key=acc.key,
-                                                  partition=acc.partition, offset=acc.offset)))
-            for acc in accepted:
-                if id(acc) not in bad:
-                    metrics.EVENTS_INGESTED.labels(event_type=_TYPE_LABEL[acc.event.TYPE], outcome="ok").inc()
-            if rejections:
-                await send_dead_letters(rejections)
-            metrics.AGENT_PROCESSING_SECONDS.labels(agent="ingest").observe(time.perf_counter() - started)
+    async def ingest(batch: MessageBatch) -> list:
+        started = time.perf_counter()
+        now = time.time()
+        accepted: list[Accepted] = []
+        rejections: list[tuple[Rejected, dict]] = []
+        for msg in batch.messages:
+            raw = msg.value if isinstance(msg.value, (bytes, type(None))) else bytes(msg.value)
+            result = validate(raw, limits=limits, now=now, expected_type=types[msg.topic])
+            if isinstance(result, Rejected):
+                rejections.append((result, dict(topic=msg.topic, raw=raw, key=msg.key, partition=msg.partition,
+                                                offset=msg.offset)))
+            else:
+                accepted.append(Accepted(result, msg.topic, msg.partition, msg.offset, raw, msg.key))
+        try:
+            outcome = await app.pipeline.dispatch(accepted)
+        except Exception as exc:  # noqa: BLE001 - a stage bug must not kill the worker
+            # Crash semantics would redeliver the same batch forever; park it instead.
+            log.exception("pipeline failed on a batch of %d events; dead-lettering them", len(accepted))
+            outcome = StageResult(rejected=[(a, Rejected("processing", f"pipeline error: {exc!r}"[:300]))
+                                            for a in accepted])
+        bad = {id(a) for a, _ in outcome.rejected}
+        for acc, rej in outcome.rejected:
+            rejections.append((rej, dict(topic=acc.topic, raw=acc.raw, key=acc.key, partition=acc.partition,
+                                         offset=acc.offset)))
+        for acc in accepted:
+            if id(acc) not in bad:
+                ok[acc.event.TYPE].inc()
+        durable = list(outcome.durable)
+        if rejections:
+            # at-least-once: the batch is acknowledged only once the broker has its dead letters
+            durable.extend(await send_dead_letters(rejections))
+        seconds.observe(time.perf_counter() - started)
+        return durable
+
+    batch_agent(app, sources, name="driftrec.ingest", handler=ingest)

@@ -8,14 +8,13 @@ seen) is used and the output is flagged ``fallback=true``.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING, Sequence
 
 from driftrec import metrics
 from streams.contracts import Click, Rating, Recommendation, RecommendationRequest, new_event_id
-from streams.pipeline import Accepted
+from streams.pipeline import Accepted, StageResult
 from streams.ranking import build_ranker
 
 if TYPE_CHECKING:
@@ -55,8 +54,6 @@ def register(app: "DriftrecApp") -> None:
             futures.append(await out.send(key=ev.user_id.encode(), value=rec.dumps()))
             metrics.RECOMMENDATIONS_PUBLISHED.inc()
             metrics.E2E_LATENCY_SECONDS.observe(max(now - ev.event_time, 0.0))
-        if futures:
-            await asyncio.gather(*futures)
-        return None
+        return StageResult(durable=futures) if futures else None
 
     app.pipeline.register("recommend", stage, types=(Click.TYPE, Rating.TYPE, RecommendationRequest.TYPE))
