@@ -126,26 +126,47 @@ async def _produce(bootstrap: str, settings: Settings, events: list[dict]) -> No
 
 
 async def _paced(bootstrap: str, settings: Settings, world: _World, rate: float, seconds: float) -> int:
+    """Produce ``rate`` events/s for ``seconds`` (event time = send time), every 10 ms what is due.
+
+    The generator shares the 2 cores with the broker and the worker it measures, so it sends each
+    tick's events as one record batch per partition (the producer's batch API, keyed like the
+    default partitioner) rather than one ``send`` per event, which cost a quarter of a core at
+    5,000 events/s.
+    """
     from aiokafka import AIOKafkaProducer
+    from aiokafka.partitioner import DefaultPartitioner
 
     t = settings.topics
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks=1, enable_idempotence=False, linger_ms=2)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks=1, enable_idempotence=False)
     await producer.start()
+    partitioner = DefaultPartitioner()
     sent = 0
     try:
+        parts = {name: sorted(await producer.partitions_for(name)) for name in (t.clicks.name, t.ratings.name)}
         start = time.monotonic()
         tick = 0.01
         futs = []
         while (elapsed := time.monotonic() - start) < seconds:
             due = int(elapsed * rate) - sent
             now = time.time()
+            batches: dict[tuple[str, int], Any] = {}
             for _ in range(max(due, 0)):
                 ev = world.event(now)
                 topic = t.ratings.name if ev["type"] == "rating" else t.clicks.name
-                futs.append(await producer.send(topic, json.dumps(ev, separators=(",", ":")).encode(),
-                                                key=ev["user_id"].encode()))
+                key = ev["user_id"].encode()
+                partition = partitioner(key, parts[topic], parts[topic])
+                batch = batches.get((topic, partition))
+                if batch is None:
+                    batch = batches[(topic, partition)] = producer.create_batch()
+                value = json.dumps(ev, separators=(",", ":")).encode()
+                if batch.append(key=key, value=value, timestamp=None) is None:  # full: send it, start another
+                    futs.append(await producer.send_batch(batch, topic, partition=partition))
+                    batch = batches[(topic, partition)] = producer.create_batch()
+                    batch.append(key=key, value=value, timestamp=None)
                 sent += 1
-            if len(futs) > 2000:
+            for (topic, partition), batch in batches.items():
+                futs.append(await producer.send_batch(batch, topic, partition=partition))
+            if len(futs) > 200:
                 await asyncio.gather(*futs)
                 futs = []
             await asyncio.sleep(tick)

@@ -9,7 +9,10 @@ it lazily.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
+import os
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -57,10 +60,23 @@ def write_repo_config(settings: Settings, store: str | None = None) -> Path:
     path = repo_dir / "feature_store.yaml"
     text = yaml.safe_dump(repo_config(settings, store), sort_keys=False)
     if not path.is_file() or path.read_text() != text:
-        tmp = path.with_suffix(".yaml.tmp")
+        # Several processes (workers, their writer processes, the scorer) open the same repo: each
+        # writes its own temporary file and renames it over, so a reader never sees half a file.
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         tmp.write_text(text)
         tmp.replace(path)
     return repo_dir
+
+
+@contextlib.contextmanager
+def _repo_lock(repo_dir: Path):
+    """Serialise ``apply`` across threads and processes (Feast's file registry is read-modify-write)."""
+    with _apply_lock, open(repo_dir / ".apply.lock", "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def open_store(settings: Settings, store: str | None = None, *, apply: bool = True) -> "FeatureStore":
@@ -72,6 +88,6 @@ def open_store(settings: Settings, store: str | None = None, *, apply: bool = Tr
     repo_dir = write_repo_config(settings, store)
     fs = FeatureStore(repo_path=str(repo_dir))
     if apply:
-        with _apply_lock:
+        with _repo_lock(repo_dir):
             fs.apply(definitions.objects(repo_dir))
     return fs

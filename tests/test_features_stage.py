@@ -234,3 +234,38 @@ async def test_state_survives_a_cache_reset(stage):
     stage.clear_caches()
     await asyncio.gather(*await stage.process_item_messages(msgs))
     assert ItemState.loads(stage.item_store.get(b"i3", msgs[0][1])).popularity_total == 2
+
+
+async def test_a_failed_persist_stops_the_chain_and_the_worker(stage):
+    """If a batch's forwards cannot be made durable, neither it nor any later batch is persisted."""
+    failures = []
+    stage._user_persist.on_failure = failures.append
+    now = time.time()
+    stage.app.events.auto_ack = False
+    first = await stage.process_interactions([_acc(Click(event_id="a", event_time=now, user_id="u6", item_id="i1"), 0)])
+    stage.app.events.futures[-1].set_exception(ConnectionError("broker away"))
+    second = await stage.process_interactions([_acc(Click(event_id="b", event_time=now + 1, user_id="u6", item_id="i2"), 1)])
+    stage.app.events.ack_all()
+    for result in (first, second):
+        with pytest.raises(Exception):
+            await asyncio.wait_for(result.durable[0], 2)
+    assert stage.user_store.writes == []
+    assert len(failures) == 1 and isinstance(failures[0], ConnectionError)
+
+
+async def test_row_sink_retries_until_the_store_is_back(stage, monkeypatch):
+    from feature_store import sink
+
+    monkeypatch.setattr(sink, "RETRY_PAUSES_S", (0.01,))
+    real, calls = stage.writer.write_batch, []
+
+    async def flaky(users, items):
+        calls.append(len(users))
+        if len(calls) < 3:
+            raise ConnectionError("store away")
+        await real(users, items)
+
+    stage.writer.write_batch = flaky
+    done = stage.rows.submit([{"user_id": "u7", "last_event_time": 1.0}], [])
+    await asyncio.wait_for(done, 2)
+    assert calls == [1, 1, 1] and stage.writer.users["u7"]["last_event_time"] == 1.0

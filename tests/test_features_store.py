@@ -191,3 +191,46 @@ def test_reading_an_empty_sqlite_store_is_no_features(tmp_path):
     reader = FeatureReader(_settings(tmp_path, "sqlite"))
     assert reader.get_user_and_items("u1", ["i1"]) == (None, {})
     reader.close()
+
+
+def test_repo_config_is_replaced_atomically_under_concurrent_writers(tmp_path):
+    """Workers, their writer processes and the scorer all write the same feature_store.yaml."""
+    import threading
+
+    import yaml
+
+    from feature_store.repo import write_repo_config
+
+    s = _settings(tmp_path, "sqlite")
+    variants = [s, s.model_copy(update={"feast": s.feast.model_copy(update={"sqlite_path": tmp_path / "other.db"})})]
+    repo = write_repo_config(s)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def writer(n):
+        try:
+            for k in range(200):  # alternating contents: every call replaces the file
+                write_repo_config(variants[(k + n) % 2])
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    def reader():
+        while not stop.is_set():
+            try:
+                text = (repo / "feature_store.yaml").read_text()
+            except FileNotFoundError:
+                continue
+            if yaml.safe_load(text) is None or "project" not in yaml.safe_load(text):
+                errors.append(AssertionError(f"a torn file: {text!r}"))
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    r = threading.Thread(target=reader)
+    r.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stop.set()
+    r.join()
+    assert errors == []
+    assert not list(repo.glob(".*.tmp"))
