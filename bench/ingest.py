@@ -56,10 +56,14 @@ def _metric(samples, name: str, **labels: str) -> float:
     return sum(v for n, lab, v in samples if n == name and all(lab.get(k) == x for k, x in labels.items()))
 
 
-def _buckets(samples, store: str) -> list[tuple[float, float]]:
-    out = [(float("inf") if lab["le"] == "+Inf" else float(lab["le"]), v) for n, lab, v in samples
-           if n == "driftrec_feature_freshness_seconds_bucket" and lab.get("store") == store]
-    return sorted(out)
+def _buckets(samples, name: str = "driftrec_feature_freshness_seconds", **labels: str) -> list[tuple[float, float]]:
+    """A histogram's cumulative buckets, summed over the series whose labels match ``labels``."""
+    out: dict[float, float] = {}
+    for n, lab, v in samples:
+        if n == f"{name}_bucket" and all(lab.get(k) == x for k, x in labels.items()):
+            le = float("inf") if lab["le"] == "+Inf" else float(lab["le"])
+            out[le] = out.get(le, 0.0) + v
+    return sorted(out.items())
 
 
 def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
@@ -288,17 +292,24 @@ def run_one(settings: Settings, store: str, *, n_events: int = 60_000, rate: flo
             s1 = _scrape(port)
             if os.environ.get("DRIFTREC_BENCH_PROFILE") and os.environ.get("DRIFTREC_BENCH_PROFILE_PHASE") == "paced":
                 profiler = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(proc.pid),
-                                             "-d", os.environ.get("DRIFTREC_BENCH_PROFILE_S", "8"), "-r", "100",
+                                             "-d", os.environ.get("DRIFTREC_BENCH_PROFILE_S", "8"), "-r", "100", "--gil",
                                              "-f", "raw", "-o", os.environ["DRIFTREC_BENCH_PROFILE"]],
                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             sent = asyncio.run(_paced(bootstrap, settings, world, rate, seconds))
             time.sleep(1.0)
             s2 = _scrape(port)
-            buckets = _diff(_buckets(s2, store), _buckets(s1, store))
+            buckets = _diff(_buckets(s2, store=store), _buckets(s1, store=store))
+            per_view = {}
+            for view in ("user_features", "item_features"):
+                vb = _diff(_buckets(s2, store=store, feature_view=view), _buckets(s1, store=store, feature_view=view))
+                q = histogram_quantile(0.99, vb)
+                per_view[view] = None if q is None else q * 1000
             total = buckets[-1][1] if buckets else 0
             le250 = next((c for le, c in buckets if le == 0.25), 0.0)
             p50 = histogram_quantile(0.5, buckets)
             p99 = histogram_quantile(0.99, buckets)
+            lag = _diff(_buckets(s2, "driftrec_event_loop_lag_seconds"), _buckets(s1, "driftrec_event_loop_lag_seconds"))
+            lag_p99 = histogram_quantile(0.99, lag)
             ws = _metric(s2, "driftrec_feature_write_seconds_sum", store=store) - _metric(s1, "driftrec_feature_write_seconds_sum", store=store)
             wc = _metric(s2, "driftrec_feature_write_seconds_count", store=store) - _metric(s1, "driftrec_feature_write_seconds_count", store=store)
             _stop(proc)
@@ -309,9 +320,11 @@ def run_one(settings: Settings, store: str, *, n_events: int = 60_000, rate: flo
                 "freshness_p50_ms": None if p50 is None else p50 * 1000,
                 "freshness_p99_ms": None if p99 is None else p99 * 1000,
                 "freshness_le_250ms": (le250 / total) if total else None,
+                "freshness_p99_ms_by_view": per_view,
                 "freshness_rows": total,
                 "paced_rate": sent / seconds,
                 "paced_write_ms_mean": (ws / wc * 1000) if wc else None,
+                "paced_loop_lag_p99_ms": None if lag_p99 is None else lag_p99 * 1000,
                 "n_events": n_events,
                 "backlog_produce_s": produced_s,
                 "users": n_users,

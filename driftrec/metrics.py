@@ -67,8 +67,9 @@ LATENCY_FAST_BUCKETS = (
 SCORING_BUCKETS = (
     0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5,
 )
-FRESHNESS_BUCKETS = (
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
+FRESHNESS_BUCKETS = (  # 0.25 s is the freshness SLO: a boundary, so "share within it" is exact
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0,
+    30.0, 60.0,
 )
 TRAINER_BUCKETS = (
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
@@ -112,8 +113,8 @@ CONSUMER_LAG = Gauge(
 FEATURE_FRESHNESS_SECONDS = Histogram(
     "driftrec_feature_freshness_seconds",
     "Event time to the moment its feature update is readable in the online store, by store "
-    "(sqlite/redis).",
-    ["store"],
+    "(sqlite/redis) and feature view (user_features/item_features; item rows are one hop further).",
+    ["store", "feature_view"],
     buckets=FRESHNESS_BUCKETS,
 )
 FEATURE_NEWEST_EVENT_LAG_SECONDS = Gauge(

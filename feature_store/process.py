@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import gc
 import logging
 import multiprocessing
 import signal
@@ -53,6 +54,8 @@ def _serve(conn, settings_json: str, store: str) -> None:  # pragma: no cover - 
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
         conn.send_bytes(f"could not open the {store} online store: {exc!r}".encode())
         return
+    gc.collect()
+    gc.freeze()  # what Feast's import built stays out of the collector's walks (see streams.app)
     conn.send_bytes(b"")
     try:
         while True:

@@ -164,7 +164,8 @@ class FeatureWriter(abc.ABC):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.codecs = (USER_CODEC, ITEM_CODEC)
-        self._fresh = metrics.FEATURE_FRESHNESS_SECONDS.labels(store=self.store_name)
+        self._fresh = (metrics.FEATURE_FRESHNESS_SECONDS.labels(store=self.store_name, feature_view=USER_VIEW),
+                       metrics.FEATURE_FRESHNESS_SECONDS.labels(store=self.store_name, feature_view=ITEM_VIEW))
         self._lag = metrics.FEATURE_NEWEST_EVENT_LAG_SECONDS.labels(store=self.store_name)
         self._rows_user = metrics.FEATURE_ROWS_WRITTEN.labels(store=self.store_name, feature_view=USER_VIEW)
         self._rows_item = metrics.FEATURE_ROWS_WRITTEN.labels(store=self.store_name, feature_view=ITEM_VIEW)
@@ -215,8 +216,8 @@ class FeatureWriter(abc.ABC):
             elapsed = time.perf_counter() - t0
         now = time.time()
         newest = None
-        observe = self._fresh.observe
-        for rows in (user_rows, item_rows):
+        for rows, fresh in zip((user_rows, item_rows), self._fresh):
+            observe = fresh.observe
             for row in rows:
                 t = float(row["last_event_time"])
                 observe(max(now - t, 0.0))

@@ -115,17 +115,16 @@ class TableWriter:
     def _store_locally(self, partition: int, values: Mapping[bytes, bytes]) -> None:
         data = self.table.data
         db_for = getattr(data, "_db_for_partition", None)
-        if db_for is not None and getattr(data, "_key_index", None) is not None:
+        if db_for is not None:
             # RocksDB: one write batch for the partition, as Faust's own changelog recovery writes it
-            # (``Store.apply_changelog_batch``), instead of a put per key.
+            # (``Store.apply_changelog_batch``: no per-key index either - reads here always name the
+            # partition), instead of a put per key.
             from faust.stores import rocksdb as faust_rocksdb
 
             batch = (faust_rocksdb.rocksdict.WriteBatch(raw_mode=True) if data.use_rocksdict
                      else faust_rocksdb.rocksdb.WriteBatch())
-            index = data._key_index
             for key, value in values.items():
                 batch.put(key, value)
-                index[key] = partition
             db_for(partition).write(batch)
             return
         with in_partition(self.topic, partition):

@@ -49,7 +49,11 @@ def store_settings(request, tmp_path):
 async def test_write_then_read_one_call(store_settings):
     t = time.time()
     writer = create_writer(store_settings)
-    before = metrics.FEATURE_FRESHNESS_SECONDS.labels(store=writer.store_name)._sum.get()
+    def freshness_sum():
+        return sum(metrics.FEATURE_FRESHNESS_SECONDS.labels(store=writer.store_name, feature_view=v)._sum.get()
+                   for v in ("user_features", "item_features"))
+
+    before = freshness_sum()
     async with writer:
         res = await writer.write_batch([_user("u1", t, recent=("b", "a"))], [_item("a", t - 5), _item("b", t, 3)])
         assert (res.user_rows, res.item_rows) == (1, 2)
@@ -67,7 +71,7 @@ async def test_write_then_read_one_call(store_settings):
         assert async_user["click_count"] == 1 and set(async_items) == {"a", "b"}
         reader.close()
     # freshness observed per entity row once the write returned
-    assert metrics.FEATURE_FRESHNESS_SECONDS.labels(store=writer.store_name)._sum.get() > before
+    assert freshness_sum() > before
     assert metrics.FEATURE_NEWEST_EVENT_LAG_SECONDS.labels(store=writer.store_name)._value.get() < 60
 
 

@@ -101,7 +101,7 @@ def test_histogram_buckets_fit_their_use():
 def test_exposition_and_helpers():
     metrics.EVENTS_INGESTED.labels(event_type="click", outcome="ok").inc()
     metrics.DEAD_LETTERS.labels(reason="schema").inc()
-    metrics.FEATURE_FRESHNESS_SECONDS.labels(store="sqlite").observe(0.03)
+    metrics.FEATURE_FRESHNESS_SECONDS.labels(store="sqlite", feature_view="user_features").observe(0.03)
     metrics.set_active_adapter("test-domain", "v1")
     metrics.set_active_adapter("test-domain", "v2")
     port = metrics.start_metrics_server(0, addr="127.0.0.1")
@@ -257,7 +257,7 @@ def test_all_promql_expressions_helper():
                     reason="prometheus binary not installed (apt-get install prometheus)")
 def test_real_prometheus_scrapes_driftrec_metrics():
     metrics.EVENTS_INGESTED.labels(event_type="rating", outcome="ok").inc(3)
-    metrics.FEATURE_FRESHNESS_SECONDS.labels(store="redis").observe(0.02)
+    metrics.FEATURE_FRESHNESS_SECONDS.labels(store="redis", feature_view="item_features").observe(0.02)
     metrics.SCORING_LATENCY_SECONDS.labels(domain="default").observe(0.012)
     metrics.set_active_adapter("default", "v7")
     port = metrics.start_metrics_server(0, addr="127.0.0.1")
