@@ -153,6 +153,10 @@ def wait_until_ready(bootstrap: str, timeout_s: float, proc: subprocess.Popen | 
         if proc is not None and proc.poll() is not None:
             raise BrokerError(f"embedded broker exited with code {proc.returncode} during start-up")
         try:
+            # A plain TCP connect first: until the listener is up, a Kafka client would log each
+            # refused connection as an ERROR, which reads like a failure of every start.
+            host, _, port = bootstrap.split(",")[0].rpartition(":")
+            socket.create_connection((host.strip("[]"), int(port)), timeout=1.0).close()
             asyncio.run(_metadata_ok(bootstrap))
             return
         except Exception as exc:  # noqa: BLE001 - retried until the deadline
