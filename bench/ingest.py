@@ -84,6 +84,43 @@ def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | 
     return prev_le
 
 
+
+def backlog_window(ports: list[int], n_events: int, *, s0: list, started: float, timeout: float = 300.0) -> dict[str, float]:
+    """Seconds the workers behind ``ports`` took for a backlog of ``n_events`` produced from ``started``.
+
+    The window opens when the first event of the backlog is counted as ingested (summed over the
+    workers: ``driftrec_events_ingested_total{outcome="ok"}`` past its value in ``s0``, their scrapes
+    before the backlog) and closes when all are (``users_s``) and when, after that, the item rows
+    (one hop behind) have stopped moving for 0.5 s (``all_s``).
+    """
+    base_ok = sum(_metric(s, "driftrec_events_ingested_total", outcome="ok") for s in s0)
+    items_rows = sum(_metric(s, "driftrec_feature_rows_written_total", feature_view="item_features") for s in s0)
+    t_first = t_last = items_still_since = None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        scrapes = [_scrape(p) for p in ports]
+        done = sum(_metric(s, "driftrec_events_ingested_total", outcome="ok") for s in scrapes) - base_ok
+        now = time.monotonic()
+        if done > 0 and t_first is None:
+            t_first = now
+        if done >= n_events and t_last is None:
+            t_last = now
+        rows = sum(_metric(s, "driftrec_feature_rows_written_total", feature_view="item_features") for s in scrapes)
+        if t_last is not None:
+            if rows != items_rows:
+                items_rows, items_still_since = rows, now
+            elif items_still_since is None:
+                items_still_since = now
+            elif now - items_still_since >= 0.5:
+                break
+        time.sleep(0.05)
+    if t_last is None:
+        raise RuntimeError(f"only part of the backlog was ingested in {timeout}s")
+    # the first event may have been ingested while the backlog was still being produced
+    opened = t_first or started
+    return {"users_s": t_last - opened, "all_s": (items_still_since or t_last) - opened}
+
+
 def _diff(after, before):
     b = dict(before)
     return [(le, c - b.get(le, 0.0)) for le, c in after]
@@ -246,7 +283,6 @@ def run_one(settings: Settings, store: str, *, n_events: int = 60_000, rate: flo
 
             # 1. throughput: a backlog of n_events
             s0 = _scrape(port)
-            base_ok = _metric(s0, "driftrec_events_ingested_total", outcome="ok")
             backlog = [world.event(time.time()) for _ in range(n_events)]
             profiler = None
             if os.environ.get("DRIFTREC_BENCH_PROFILE") and os.environ.get("DRIFTREC_BENCH_PROFILE_PHASE", "backlog") == "backlog":
@@ -257,35 +293,10 @@ def run_one(settings: Settings, store: str, *, n_events: int = 60_000, rate: flo
             produce_started = time.monotonic()
             asyncio.run(_produce(bootstrap, settings, backlog))
             produced_s = time.monotonic() - produce_started
-            t_first = t_last = None
-            items_rows = _metric(s0, "driftrec_feature_rows_written_total", feature_view="item_features")
-            items_still_since = None
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                s = _scrape(port)
-                done = _metric(s, "driftrec_events_ingested_total", outcome="ok") - base_ok
-                now = time.monotonic()
-                if done > 0 and t_first is None:
-                    t_first = now
-                if done >= n_events and t_last is None:
-                    t_last = now
-                rows = _metric(s, "driftrec_feature_rows_written_total", feature_view="item_features")
-                if t_last is not None:
-                    if rows != items_rows:
-                        items_rows, items_still_since = rows, now
-                    elif items_still_since is None:
-                        items_still_since = now
-                    elif now - items_still_since >= 0.5:
-                        break
-                time.sleep(0.05)
+            window = backlog_window([port], n_events, s0=[s0], started=produce_started, timeout=timeout)
             if profiler is not None:
                 profiler.wait(60)
-            if t_last is None:
-                raise RuntimeError(f"only part of the backlog was ingested in {timeout}s")
-            items_done = items_still_since or t_last
-            # the first event may have been ingested while the backlog was still being produced
-            span_users = t_last - (t_first or produce_started)
-            span_all = items_done - (t_first or produce_started)
+            span_users, span_all = window["users_s"], window["all_s"]
 
             # 2. freshness at a paced rate
             time.sleep(1.0)
