@@ -84,7 +84,6 @@ def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | 
     return prev_le
 
 
-
 def backlog_window(ports: list[int], n_events: int, *, s0: list, started: float, timeout: float = 300.0) -> dict[str, float]:
     """Seconds the workers behind ``ports`` took for a backlog of ``n_events`` produced from ``started``.
 

@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -141,6 +142,7 @@ def writer_thread(rows: int = 3000) -> dict:
         stop.set()
         spinner.join()
     store.close()
+    shutil.rmtree(tmp, ignore_errors=True)
     return {"rows": rows, "alone_s": alone, "thread_beside_busy_thread_s": result[0] if result else None}
 
 
