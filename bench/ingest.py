@@ -216,6 +216,50 @@ async def _paced(bootstrap: str, settings: Settings, world: _World, rate: float,
     return sent
 
 
+def _profiler(pid: int, phase: str) -> subprocess.Popen | None:
+    """py-spy on the worker during ``phase`` when asked (a diagnostic, see the README's Benchmarks):
+    ``DRIFTREC_BENCH_PROFILE=out.txt`` (raw stacks), ``DRIFTREC_BENCH_PROFILE_PHASE=backlog|paced``
+    (default backlog), ``DRIFTREC_BENCH_PROFILE_S`` (seconds), ``DRIFTREC_BENCH_PROFILE_ALL=1`` (the
+    writer process too, all threads; otherwise the paced phase samples only the thread holding the GIL)."""
+    out = os.environ.get("DRIFTREC_BENCH_PROFILE")
+    if not out or os.environ.get("DRIFTREC_BENCH_PROFILE_PHASE", "backlog") != phase:
+        return None
+    every = bool(os.environ.get("DRIFTREC_BENCH_PROFILE_ALL"))
+    cmd = [str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(pid), "-r", "100", "-f", "raw", "-o", out,
+           "-d", os.environ.get("DRIFTREC_BENCH_PROFILE_S", "15" if phase == "backlog" else "8")]
+    cmd += ["--subprocesses"] if every else ["--gil"] if phase == "paced" else []
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU seconds (user + system) of ``pid`` and of all its descendants (the writer process, the fork server)."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def own(p: int) -> float:
+        try:
+            stat = Path(f"/proc/{p}/stat").read_text()
+        except OSError:
+            return 0.0
+        fields = stat[stat.rfind(")") + 2:].split()
+        return (int(fields[11]) + int(fields[12])) / tick
+
+    def children(p: int) -> list[int]:
+        out = []
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                out += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                pass
+        return out
+
+    rest, todo = 0.0, children(pid)
+    while todo:
+        c = todo.pop()
+        rest += own(c)
+        todo += children(c)
+    return own(pid), rest
+
+
 def _wait_port(log_path: Path, proc: subprocess.Popen, timeout: float = 90) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -283,12 +327,7 @@ def run_one(settings: Settings, store: str, *, n_events: int = 60_000, rate: flo
             # 1. throughput: a backlog of n_events
             s0 = _scrape(port)
             backlog = [world.event(time.time()) for _ in range(n_events)]
-            profiler = None
-            if os.environ.get("DRIFTREC_BENCH_PROFILE") and os.environ.get("DRIFTREC_BENCH_PROFILE_PHASE", "backlog") == "backlog":
-                profiler = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(proc.pid),
-                                             "-d", os.environ.get("DRIFTREC_BENCH_PROFILE_S", "15"), "-r", "100",
-                                             "-f", "raw", "-o", os.environ["DRIFTREC_BENCH_PROFILE"]],
-                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            profiler = _profiler(proc.pid, "backlog")
             produce_started = time.monotonic()
             asyncio.run(_produce(bootstrap, settings, backlog))
             produced_s = time.monotonic() - produce_started
@@ -300,14 +339,14 @@ def run_one(settings: Settings, store: str, *, n_events: int = 60_000, rate: flo
             # 2. freshness at a paced rate
             time.sleep(1.0)
             s1 = _scrape(port)
-            if os.environ.get("DRIFTREC_BENCH_PROFILE") and os.environ.get("DRIFTREC_BENCH_PROFILE_PHASE") == "paced":
-                profiler = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(proc.pid),
-                                             "-d", os.environ.get("DRIFTREC_BENCH_PROFILE_S", "8"), "-r", "100", "--gil",
-                                             "-f", "raw", "-o", os.environ["DRIFTREC_BENCH_PROFILE"]],
-                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            profiler = _profiler(proc.pid, "paced")
+            cpu1 = _cpu_seconds(proc.pid)
             sent = asyncio.run(_paced(bootstrap, settings, world, rate, seconds))
             time.sleep(1.0)
             s2 = _scrape(port)
+            cpu2 = _cpu_seconds(proc.pid)
+            if profiler is not None:
+                profiler.wait(60)
             buckets = _diff(_buckets(s2, store=store), _buckets(s1, store=store))
             per_view = {}
             for view in ("user_features", "item_features"):
@@ -322,6 +361,13 @@ def run_one(settings: Settings, store: str, *, n_events: int = 60_000, rate: flo
             lag_p99 = histogram_quantile(0.99, lag)
             ws = _metric(s2, "driftrec_feature_write_seconds_sum", store=store) - _metric(s1, "driftrec_feature_write_seconds_sum", store=store)
             wc = _metric(s2, "driftrec_feature_write_seconds_count", store=store) - _metric(s1, "driftrec_feature_write_seconds_count", store=store)
+            paced = {}
+            for agent in ("ingest", "features_items"):
+                n = (_metric(s2, "driftrec_agent_processing_seconds_count", agent=agent)
+                     - _metric(s1, "driftrec_agent_processing_seconds_count", agent=agent))
+                busy = (_metric(s2, "driftrec_agent_processing_seconds_sum", agent=agent)
+                        - _metric(s1, "driftrec_agent_processing_seconds_sum", agent=agent))
+                paced[agent] = {"batches_per_s": n / seconds, "busy_share": busy / seconds}
             _stop(proc)
             return {
                 "store": store,
@@ -334,6 +380,12 @@ def run_one(settings: Settings, store: str, *, n_events: int = 60_000, rate: flo
                 "freshness_rows": total,
                 "paced_rate": sent / seconds,
                 "paced_write_ms_mean": (ws / wc * 1000) if wc else None,
+                "paced_writes_per_s": wc / seconds,
+                "paced_agents": paced,
+                # CPU per event over the paced window (+1 s): the worker's own process, and its
+                # descendants (the writer process)
+                "paced_worker_cpu_us_per_event": (cpu2[0] - cpu1[0]) / max(sent, 1) * 1e6,
+                "paced_writer_cpu_us_per_event": (cpu2[1] - cpu1[1]) / max(sent, 1) * 1e6,
                 "paced_loop_lag_p99_ms": None if lag_p99 is None else lag_p99 * 1000,
                 "n_events": n_events,
                 "backlog_produce_s": produced_s,
