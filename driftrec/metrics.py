@@ -140,6 +140,12 @@ FEATURE_EVENTS_SKIPPED = Counter(
     "late = older than the per-user dedupe memory reaches, replayed = item update already applied).",
     ["reason"],
 )
+FEATURE_ITEM_UPDATES = Counter(
+    "driftrec_feature_item_updates",
+    "Interactions applied to item states, by path: local = in the user step (this worker owns the "
+    "item's partition), forwarded = through the events topic to the item step.",
+    ["path"],
+)
 FEATURE_WRITE_FAILURES = Counter(
     "driftrec_feature_write_failures",
     "Online-store writes that failed (the rows are retried with the next batch), by store.",

@@ -123,6 +123,10 @@ class StreamSettings(_Section):
                                         "oldest forgotten one is skipped as late")
     unknown_item_grace_s: float = Field(default=2.0, ge=0, le=60,
                                         description="wait this long for the catalogue before rejecting an unknown item")
+    local_items: bool = Field(default=True,
+                              description="apply an interaction to its item state in the user step when this worker "
+                                          "owns the item's partition, instead of forwarding it through the events "
+                                          "topic (interactions on items owned elsewhere are always forwarded)")
 
 
 class FeastSettings(_Section):

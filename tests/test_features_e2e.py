@@ -230,3 +230,41 @@ def test_worker_killed_mid_stream_ends_at_ground_truth(kafka, tmp_path):
     finally:
         w2.stop()
         reader.close()
+
+
+def test_two_workers_split_the_items_and_end_at_ground_truth(kafka, tmp_path):
+    """Two workers: each applies interactions on the items it owns in its user step and forwards the
+    others through the events topic to the owner; across the rebalance that splits the partitions the
+    features still end at the ground truth, and both paths were taken."""
+    bootstrap, base = kafka
+    settings = _settings(bootstrap, tmp_path)
+    world = World(n_users=60, n_items=150, seed=23)
+    events = _events(world, N_EVENTS, seed=13)
+    truth = ground_truth(events, {it.item_id: it.genres for it in world.items})
+    produce_raw(bootstrap, _catalogue(settings, world))
+    workers = [_start_worker(settings, "worker-1"), _start_worker(settings, "worker-2")]
+    reader = FeatureReader(settings)
+
+    def updates(w, path=None):
+        return w.metric("driftrec_feature_item_updates_total", {"path": path} if path else None)
+
+    try:
+        sent = 0
+
+        def both_working() -> bool:  # events go out 100 at a time until both workers have partitions
+            nonlocal sent
+            if sent < len(events) // 2:
+                produce_raw(bootstrap, _records(settings, events[sent:sent + 100]))
+                sent += 100
+            return all(updates(w) > 0 for w in workers)
+
+        wait_until(both_working, 150, interval=1.0, message="both workers to apply interactions")
+        produce_raw(bootstrap, _records(settings, events[sent:]))
+        _wait_equal(reader, truth, 90, "features from two workers to equal the ground truth")
+        assert all(w.proc.poll() is None for w in workers)
+        assert sum(updates(w, "local") for w in workers) > 0
+        assert sum(updates(w, "forwarded") for w in workers) > 0
+    finally:
+        for w in workers:
+            w.stop()
+        reader.close()

@@ -184,6 +184,72 @@ async def test_state_is_persisted_only_after_its_forwards_are_acknowledged(stage
     assert UserState.loads(stage.user_store.get(b"u3", 1)).click_count == 1
 
 
+class _Consumer:
+    def __init__(self, partitions):
+        from faust.types import TP
+
+        self.tps = {TP("driftrec.events", p) for p in partitions}
+
+    def assignment(self):
+        return set(self.tps)
+
+
+class _GatedStore(_Store):
+    """A store whose writes become durable only when the test says so."""
+
+    def __init__(self):
+        super().__init__()
+        self.acks = []
+        self.gated = True
+
+    async def write(self, partition, values):
+        await super().write(partition, values)
+        ack = asyncio.get_running_loop().create_future()
+        self.acks.append(ack)
+        if not self.gated:
+            ack.set_result(None)
+        return ack
+
+    def open(self):
+        self.gated = False
+        for ack in self.acks:
+            if not ack.done():
+                ack.set_result(None)
+
+
+async def test_items_owned_here_are_applied_in_the_user_step(stage):
+    """Interactions on items whose events partition this worker owns skip the events topic; the user
+    state is persisted only once those item states are durable."""
+    now = time.time()
+    owned = {item_partition("i1", 4), item_partition("i2", 4)}
+    stage.app.consumer = _Consumer(owned)
+    stage.item_store = _GatedStore()
+    stage._item_persist.store = stage.item_store
+    items = [f"i{k}" for k in range(5)]
+    batch = [_acc(Click(event_id=f"e{k}", event_time=now + k, user_id="u7", item_id=i), k) for k, i in enumerate(items)]
+    result = await stage.process_interactions(batch)
+    forwarded = sorted(d[0] for _, ds in stage.app.events.sent for d in ds)
+    assert forwarded == sorted(i for i in items if item_partition(i, 4) not in owned)
+    local = [i for i in items if item_partition(i, 4) in owned]
+    assert local  # the test's items cover both paths
+    await asyncio.sleep(0.05)
+    stored = {k.decode() for _, v in stage.item_store.writes for k in v}
+    assert stored == set(local)
+    assert stage.user_store.get(b"u7", 1) is None  # the item states are not durable yet
+    stage.item_store.open()
+    await asyncio.wait_for(asyncio.gather(*result.durable), 2)
+    assert UserState.loads(stage.user_store.get(b"u7", 1)).click_count == 5
+    assert {i for i in local} <= set(stage.writer.items)  # rows written with the user rows
+    assert all(stage.writer.items[i]["popularity_total"] == 1 for i in local)
+    # the forwarded ones reach the item step as before; a replay of the batch changes nothing
+    await asyncio.wait_for(asyncio.gather(*await stage.process_item_messages(_forwarded_messages(stage))), 2)
+    assert set(stage.writer.items) == set(items)
+    stage.app.events.sent.clear()
+    await asyncio.wait_for(asyncio.gather(*(await stage.process_interactions(batch)).durable), 2)
+    assert stage.app.events.sent == []
+    assert all(stage.writer.items[i]["popularity_total"] == 1 for i in items)
+
+
 async def test_persists_keep_batch_order(stage):
     """A later batch's state never lands before an earlier one's, even if its forwards are acked first."""
     now = time.time()

@@ -147,6 +147,8 @@ class FeaturesStage:
         t = s.topics
         self.topic_codes = {t.clicks.name: "c", t.ratings.name: "r"}
         self.events_partitions = t.events.partitions
+        self.events_topic_name = t.events.name
+        self.local_items = s.stream.local_items
         if t.clicks.partitions != t.ratings.partitions:
             raise ValueError("clicks and ratings must be co-partitioned (same partition count)")
         raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
@@ -180,6 +182,7 @@ class FeaturesStage:
         self._skipped = {v: metrics.FEATURE_EVENTS_SKIPPED.labels(reason=v.value)
                          for v in (Verdict.REDELIVERED, Verdict.DUPLICATE, Verdict.LATE)}
         self._replayed = metrics.FEATURE_EVENTS_SKIPPED.labels(reason="replayed")
+        self._item_updates = {path: metrics.FEATURE_ITEM_UPDATES.labels(path=path) for path in ("local", "forwarded")}
 
     # -- caches mirror the tables; a rebalance (or recovery) invalidates them
     def clear_caches(self, *_args: Any, **_kwargs: Any) -> None:
@@ -262,6 +265,8 @@ class FeaturesStage:
         forward: dict[int, list[list]] = defaultdict(list)
         codes, recent_items, dedupe_ids = self.topic_codes, self.recent_items, self.dedupe_ids
         sources: dict[tuple[str, int], str] = {}
+        owned = self.local_item_partitions()
+        local: list[tuple[int, ItemDelta]] = []  # interactions on items whose partition is here
         for acc in batch:
             ev = acc.event
             bad = self._check(ev, now, known)
@@ -282,7 +287,11 @@ class FeaturesStage:
             verdict = state.apply(inter, recent_items=recent_items, dedupe_ids=dedupe_ids)
             if verdict is Verdict.NEW:
                 touched[key] = (acc.partition, ev.user_id)
-                forward[item_partition(ev.item_id, self.events_partitions)].append(forward_record(inter))
+                q = item_partition(ev.item_id, self.events_partitions)
+                if q in owned:
+                    local.append((q, ItemDelta.of(inter)))
+                else:
+                    forward[q].append(forward_record(inter))
             else:
                 self._skipped[verdict].inc()
                 if verdict is Verdict.REDELIVERED:
@@ -291,47 +300,74 @@ class FeaturesStage:
             return result
         sends = [await self.events_topic.send(key=b"features", value=orjson.dumps({"d": deltas}), partition=p)
                  for p, deltas in sorted(forward.items())]
+        if forward:
+            self._item_updates["forwarded"].inc(sum(map(len, forward.values())))
+        item_rows: list = []
+        if local:
+            self._item_updates["local"].inc(len(local))
+            item_values, item_rows = self._apply_items(local)
+            if item_values:
+                sends.append(self._item_persist.persist(item_values))
         values: dict[int, dict[bytes, bytes]] = defaultdict(dict)
         rows = []
         for key, (partition, user_id) in touched.items():
             state = cache[key]
             values[partition][key] = state.dumps()
             rows.append(state.feature_row(user_id, self.weights_of))
+        # the user states say "applied": only once the item side of every interaction is durable
         result.durable.append(self._user_persist.persist(values, after=sends))
-        result.durable.append(self.rows.submit(rows, []))
+        result.durable.append(self.rows.submit(rows, item_rows))
         return result
+
+    def local_item_partitions(self) -> frozenset[int]:
+        """The ``topics.events`` partitions this worker owns now (their item states are here)."""
+        consumer = getattr(self.app, "consumer", None)
+        if consumer is None or not self.local_items:
+            return frozenset()
+        try:
+            assigned = consumer.assignment()
+        except Exception:  # noqa: BLE001 - not started / being rebalanced: forward everything
+            return frozenset()
+        name = self.events_topic_name
+        return frozenset(tp.partition for tp in assigned if tp.topic == name)
 
     # -- step 2: items
     async def process_item_messages(self, messages: Sequence[tuple[str, int, bytes]]) -> list[Awaitable]:
         """Apply forwarded interactions ``(topic, partition, value)``; returns what makes them durable."""
+        deltas: list[tuple[int, ItemDelta]] = []
+        for topic, partition, value in messages:
+            try:
+                deltas += [(partition, ItemDelta.from_list(v)) for v in orjson.loads(value)["d"]]
+            except (ValueError, KeyError, TypeError, IndexError):
+                log.error("features: skipping a malformed message on %s[%d]", topic, partition)
+        values, rows = self._apply_items(deltas)
+        if not values:
+            return []
+        return [self._item_persist.persist(values), self.rows.submit([], rows)]
+
+    def _apply_items(self, deltas: Sequence[tuple[int, ItemDelta]]) -> tuple[dict[int, dict[bytes, bytes]], list]:
+        """Apply ``(events partition, delta)`` to the item states: ``({partition: {key: state}}, rows)``
+        of the touched items, to persist and write."""
         cache = self._items
         if len(cache) >= _CACHE_MAX:
             cache.clear()
         touched: dict[bytes, tuple[int, str]] = {}
         half_life = self.half_life
-        for topic, partition, value in messages:
-            try:
-                deltas = [ItemDelta.from_list(v) for v in orjson.loads(value)["d"]]
-            except (ValueError, KeyError, TypeError, IndexError):
-                log.error("features: skipping a malformed message on %s[%d]", topic, partition)
-                continue
-            for d in deltas:
-                key = d.item_id.encode()
-                state = cache.get(key)
-                if state is None:
-                    state = cache[key] = ItemState.loads(self.item_store.get(key, partition))
-                if not state.apply(d, half_life_s=half_life):
-                    self._replayed.inc()  # re-written below all the same (it may not have been durable)
-                touched[key] = (partition, d.item_id)
-        if not touched:
-            return []
+        for partition, d in deltas:
+            key = d.item_id.encode()
+            state = cache.get(key)
+            if state is None:
+                state = cache[key] = ItemState.loads(self.item_store.get(key, partition))
+            if not state.apply(d, half_life_s=half_life):
+                self._replayed.inc()  # re-written below all the same (it may not have been durable)
+            touched[key] = (partition, d.item_id)
         values: dict[int, dict[bytes, bytes]] = defaultdict(dict)
         rows = []
         for key, (partition, item_id) in touched.items():
             state = cache[key]
             values[partition][key] = state.dumps()
             rows.append(state.feature_row(item_id))
-        return [self._item_persist.persist(values), self.rows.submit([], rows)]
+        return values, rows
 
     async def drain(self) -> None:
         """Wait for everything submitted so far: persists and online-store writes (tests, rebalances)."""
