@@ -142,9 +142,9 @@ FEATURE_EVENTS_SKIPPED = Counter(
 )
 FEATURE_ITEM_UPDATES = Counter(
     "driftrec_feature_item_updates",
-    "Interactions applied to item states, by path: local = in the user step (this worker owns the "
+    "Interactions applied to item states, by source: local = in the user step (this worker owns the "
     "item's partition), forwarded = through the events topic to the item step.",
-    ["path"],
+    ["source"],
 )
 FEATURE_WRITE_FAILURES = Counter(
     "driftrec_feature_write_failures",

@@ -246,7 +246,7 @@ def test_two_workers_split_the_items_and_end_at_ground_truth(kafka, tmp_path):
     reader = FeatureReader(settings)
 
     def updates(w, path=None):
-        return w.metric("driftrec_feature_item_updates_total", {"path": path} if path else None)
+        return w.metric("driftrec_feature_item_updates_total", {"source": path} if path else None)
 
     try:
         sent = 0

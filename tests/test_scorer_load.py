@@ -1,4 +1,5 @@
-"""Load test: ~200 requests/s for 20 s over HTTP while 100 adapter swaps happen (3 checkpoints).
+"""Load test: ~200 requests/s for 20 s (longer on a slow CPU, see below) over HTTP while 100 adapter
+swaps happen (3 checkpoints).
 
 Every response must succeed and its scores must equal the reference scores of the adapter version it
 reports (a response mixing two adapters, e.g. a user vector from one and item vectors from another,
@@ -16,6 +17,7 @@ import json
 import os
 import random
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,7 @@ from tests.scorer_support import ADMIN_TOKEN, base_model_and_tokenizer, context,
 RATE = int(os.environ.get("DRIFTREC_LOAD_RATE", 200))  # requests per second
 DURATION_S = float(os.environ.get("DRIFTREC_LOAD_SECONDS", 20))
 SWAPS = int(os.environ.get("DRIFTREC_LOAD_SWAPS", 100))  # issue 9 asks for 100 hot-swaps under load
+SWAP_SHARE = 0.6  # at most this share of the run's time goes to swap work (measured before the run)
 VERSIONS = ["v1", "v2", "v3"]
 # 32 distinct users, 1-4 history items each. Every swap starts a fresh snapshot whose user-vector
 # cache is empty, so each user needs a new LM forward after each swap (~1,600 forwards in the run).
@@ -69,6 +72,15 @@ async def test_load_with_hot_swaps(tmp_path):
             gap = max(abs(x - y) for x, y in zip(refs[(a, u)], refs[(b, u)]))
             assert gap > 3 * TOL, (a, b, gap)  # adapters are far apart: a mixed answer cannot pass
 
+    # What one swap costs on this machine: a new snapshot and the 32 user vectors it must recompute
+    # (batched, as the server does). The run is stretched so that swap work takes at most SWAP_SHARE
+    # of its time: 20 s where the CPU has native bf16, longer on an AVX2-only CPU in float32.
+    t0 = time.perf_counter()
+    snap = scorer.activate("default", VERSIONS[0], source="test")
+    scorer.embed_users(snap, [scorer.user_text(c, snap) for c in contexts])
+    swap_s = time.perf_counter() - t0
+    duration = max(DURATION_S, SWAPS * swap_s / SWAP_SHARE)
+
     app = create_app(settings, scorer, watch=False, max_batch=64, max_queue=2000)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
@@ -78,7 +90,7 @@ async def test_load_with_hot_swaps(tmp_path):
     config = {
         "url": f"http://127.0.0.1:{port}",
         "rate": RATE,
-        "duration_s": DURATION_S,
+        "duration_s": duration,
         "swaps": SWAPS,
         "versions": VERSIONS,
         "admin_token": ADMIN_TOKEN,
@@ -110,9 +122,9 @@ async def test_load_with_hot_swaps(tmp_path):
             diffs = {v: round(max(abs(a - b) for a, b in zip(scores, refs[(v, idx)])), 4) for v in VERSIONS}
             mixed.append((version, idx, diffs))
     lat = sorted(res["latencies"])
-    total = int(RATE * DURATION_S)
+    total = int(RATE * duration)
     print(
-        f"\nload: {total} requests in {res['elapsed']:.1f}s ({total / res['elapsed']:.0f}/s), swaps={res['swaps']}, "
+        f"\nswap cost {swap_s * 1e3:.0f} ms, load: {total} requests in {res['elapsed']:.1f}s ({total / res['elapsed']:.0f}/s), swaps={res['swaps']}, "
         f"versions={versions}, p50={lat[len(lat) // 2] * 1e3:.1f}ms p99={lat[int(0.99 * (len(lat) - 1))] * 1e3:.1f}ms, "
         f"forwards={batched} in {batches} batches, failed={len(res['errors'])} mixed={len(mixed)}"
     )
@@ -123,4 +135,4 @@ async def test_load_with_hot_swaps(tmp_path):
     assert len(res["responses"]) == total
     assert set(versions) == set(VERSIONS)
     # the offered load was sustained (loose: the 2-core CI box is shared with other work)
-    assert res["elapsed"] < DURATION_S * 2
+    assert res["elapsed"] < duration * 2

@@ -182,7 +182,7 @@ class FeaturesStage:
         self._skipped = {v: metrics.FEATURE_EVENTS_SKIPPED.labels(reason=v.value)
                          for v in (Verdict.REDELIVERED, Verdict.DUPLICATE, Verdict.LATE)}
         self._replayed = metrics.FEATURE_EVENTS_SKIPPED.labels(reason="replayed")
-        self._item_updates = {path: metrics.FEATURE_ITEM_UPDATES.labels(path=path) for path in ("local", "forwarded")}
+        self._item_updates = {src: metrics.FEATURE_ITEM_UPDATES.labels(source=src) for src in ("local", "forwarded")}
 
     # -- caches mirror the tables; a rebalance (or recovery) invalidates them
     def clear_caches(self, *_args: Any, **_kwargs: Any) -> None:
