@@ -127,6 +127,13 @@ class StreamSettings(_Section):
                               description="apply an interaction to its item state in the user step when this worker "
                                           "owns the item's partition, instead of forwarding it through the events "
                                           "topic (interactions on items owned elsewhere are always forwarded)")
+    local_items_barrier_s: float = Field(default=3.0, gt=0, le=60,
+                                         description="after a new assignment, wait this long for the item step to "
+                                                     "reach a barrier in each owned events partition before applying "
+                                                     "its items locally (the user step forwards nothing meanwhile)")
+    local_items_retry_s: float = Field(default=30.0, gt=0, le=3600,
+                                       description="when a barrier did not come through in time, forward that "
+                                                   "partition's interactions and try a new barrier after this long")
 
 
 class FeastSettings(_Section):

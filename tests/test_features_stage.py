@@ -25,11 +25,16 @@ class _Topic:
 
     def __init__(self):
         self.sent = []
+        self.markers = []  # barriers of the local item path: (partition, marker)
         self.futures = []
         self.auto_ack = True
 
     async def send(self, *, key, value, partition, force=False):
-        self.sent.append((partition, json.loads(value)["d"]))
+        body = json.loads(value)
+        if "m" in body:
+            self.markers.append((partition, body["m"]))
+        else:
+            self.sent.append((partition, body["d"]))
         fut = asyncio.get_running_loop().create_future()
         if self.auto_ack:
             fut.set_result(None)
@@ -217,9 +222,37 @@ class _GatedStore(_Store):
                 ack.set_result(None)
 
 
+class _ItemStep:
+    """Plays the events partitions: delivers the markers the stage sends (after ``before``, messages
+    already waiting in the partition) to the real item step, as the item agent would."""
+
+    def __init__(self, stage, before=(), deliver=True):
+        self.stage, self.before, self.deliver = stage, list(before), deliver
+        self.task = None
+
+    async def _run(self):
+        seen = 0
+        while True:
+            markers = self.stage.app.events.markers
+            if self.deliver and len(markers) > seen:
+                msgs, self.before = self.before, []
+                msgs += [("driftrec.events", p, json.dumps({"m": m}).encode()) for p, m in markers[seen:]]
+                seen = len(markers)
+                await asyncio.gather(*await self.stage.process_item_messages(msgs))
+            await asyncio.sleep(0.005)
+
+    async def __aenter__(self):
+        self.task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc):
+        self.task.cancel()
+
+
 async def test_items_owned_here_are_applied_in_the_user_step(stage):
-    """Interactions on items whose events partition this worker owns skip the events topic; the user
-    state is persisted only once those item states are durable."""
+    """Interactions on items whose events partition this worker owns skip the events topic (after a
+    barrier through each owned partition); the user state is persisted only once those item states
+    are durable."""
     now = time.time()
     owned = {item_partition("i1", 4), item_partition("i2", 4)}
     stage.app.consumer = _Consumer(owned)
@@ -227,7 +260,9 @@ async def test_items_owned_here_are_applied_in_the_user_step(stage):
     stage._item_persist.store = stage.item_store
     items = [f"i{k}" for k in range(5)]
     batch = [_acc(Click(event_id=f"e{k}", event_time=now + k, user_id="u7", item_id=i), k) for k, i in enumerate(items)]
-    result = await stage.process_interactions(batch)
+    async with _ItemStep(stage):
+        result = await asyncio.wait_for(stage.process_interactions(batch), 5)
+    assert sorted(p for p, _ in stage.app.events.markers) == sorted(owned)  # one barrier per owned partition
     forwarded = sorted(d[0] for _, ds in stage.app.events.sent for d in ds)
     assert forwarded == sorted(i for i in items if item_partition(i, 4) not in owned)
     local = [i for i in items if item_partition(i, 4) in owned]
@@ -247,7 +282,48 @@ async def test_items_owned_here_are_applied_in_the_user_step(stage):
     stage.app.events.sent.clear()
     await asyncio.wait_for(asyncio.gather(*(await stage.process_interactions(batch)).durable), 2)
     assert stage.app.events.sent == []
+    assert len(stage.app.events.markers) == len(owned)  # same assignment: no new barrier
     assert all(stage.writer.items[i]["popularity_total"] == 1 for i in items)
+
+
+async def test_the_barrier_lets_waiting_forwards_go_first(stage):
+    """Taking over a partition where a forwarded interaction still waits: the local path starts only
+    after the item step has applied it, so a newer offset of the same source cannot hide it."""
+    now = time.time()
+    q = item_partition("i3", 4)
+    # the previous owner forwarded clicks offset 7 (source c1) on i3; it still waits in partition q
+    waiting = [("driftrec.events", q, json.dumps({"d": [["i3", "c", None, now, "c1", 7]]}).encode())]
+    stage.app.consumer = _Consumer({q})
+    batch = [_acc(Click(event_id="e8", event_time=now + 1, user_id="u8", item_id="i3"), 8)]
+    async with _ItemStep(stage, before=waiting):
+        await _done(await asyncio.wait_for(stage.process_interactions(batch), 5))
+    assert stage.app.events.sent == []  # applied locally, after the barrier
+    assert stage.writer.items["i3"]["popularity_total"] == 2  # both interactions counted
+    assert stage.writer.items["i3"]["click_count"] == 2
+
+
+async def test_a_barrier_that_does_not_come_through_forwards_and_retries(stage):
+    now = time.time()
+    q = item_partition("i3", 4)
+    stage.app.consumer = _Consumer({q})
+    stage.settings.stream.local_items_barrier_s = 0.2
+    stage.settings.stream.local_items_retry_s = 0.3
+    first = [_acc(Click(event_id="e1", event_time=now, user_id="u9", item_id="i3"), 1)]
+    second = [_acc(Click(event_id="e2", event_time=now + 1, user_id="u9", item_id="i3"), 2)]
+    async with _ItemStep(stage, deliver=False):  # the item step is behind: no marker arrives
+        t0 = time.monotonic()
+        await _done(await stage.process_interactions(first))
+        assert 0.2 <= time.monotonic() - t0 < 2
+    assert [d[0] for _, ds in stage.app.events.sent for d in ds] == ["i3"]  # forwarded instead
+    assert len(stage.app.events.markers) == 1
+    await asyncio.sleep(0.35)
+    async with _ItemStep(stage) as step:
+        step.before = _forwarded_messages(stage)  # what waits in the partition: the forward of e1
+        stage.app.events.markers.clear()
+        await _done(await asyncio.wait_for(stage.process_interactions(second), 5))
+    assert len(stage.app.events.markers) == 1  # a new barrier after the retry interval
+    assert [d[0] for _, ds in stage.app.events.sent for d in ds] == ["i3"]  # e2 applied locally
+    assert stage.writer.items["i3"]["popularity_total"] == 2
 
 
 async def test_persists_keep_batch_order(stage):

@@ -39,6 +39,7 @@ import asyncio
 import logging
 import math
 import time
+import uuid
 import zlib
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence
@@ -183,6 +184,11 @@ class FeaturesStage:
                          for v in (Verdict.REDELIVERED, Verdict.DUPLICATE, Verdict.LATE)}
         self._replayed = metrics.FEATURE_EVENTS_SKIPPED.labels(reason="replayed")
         self._item_updates = {src: metrics.FEATURE_ITEM_UPDATES.labels(source=src) for src in ("local", "forwarded")}
+        # the local item path: per owned events partition, True once its barrier came through the item
+        # step (else the monotonic time of the next try); reset with every new assignment
+        self._assigned: frozenset | None = None
+        self._gates: dict[int, bool | float] = {}
+        self._barriers: dict[str, asyncio.Future] = {}  # barrier id -> done when the item step reached it
 
     # -- caches mirror the tables; a rebalance (or recovery) invalidates them
     def clear_caches(self, *_args: Any, **_kwargs: Any) -> None:
@@ -261,11 +267,11 @@ class FeaturesStage:
             cache.clear()
         now = time.time()
         known = await self._known_items(batch)
+        owned = await self.local_item_partitions()
         touched: dict[bytes, tuple[int, str]] = {}  # user key -> (partition, user id)
         forward: dict[int, list[list]] = defaultdict(list)
         codes, recent_items, dedupe_ids = self.topic_codes, self.recent_items, self.dedupe_ids
         sources: dict[tuple[str, int], str] = {}
-        owned = self.local_item_partitions()
         local: list[tuple[int, ItemDelta]] = []  # interactions on items whose partition is here
         for acc in batch:
             ev = acc.event
@@ -319,28 +325,82 @@ class FeaturesStage:
         result.durable.append(self.rows.submit(rows, item_rows))
         return result
 
-    def local_item_partitions(self) -> frozenset[int]:
-        """The ``topics.events`` partitions this worker owns now (their item states are here)."""
+    async def local_item_partitions(self) -> frozenset[int]:
+        """The ``topics.events`` partitions whose item states the user step may update in place now.
+
+        Owning a partition is not enough: interactions forwarded to it earlier (by this worker, or by
+        the previous owner of a source partition this worker just took over) may still wait there
+        for the item step, and an item state that saw a newer offset of their source first would
+        take them for replays. So after every new assignment each owned partition gets a barrier: a
+        marker sent through the partition itself, behind everything already in it, while the user
+        step waits (``stream.local_items_barrier_s`` at most) and forwards nothing. Once the item step
+        reaches the marker the partition is applied locally until the next assignment; if it does not
+        arrive in time, its interactions are forwarded as usual and a new barrier is tried later."""
         consumer = getattr(self.app, "consumer", None)
         if consumer is None or not self.local_items:
             return frozenset()
         try:
-            assigned = consumer.assignment()
+            assigned = frozenset(consumer.assignment())
         except Exception:  # noqa: BLE001 - not started / being rebalanced: forward everything
             return frozenset()
-        name = self.events_topic_name
-        return frozenset(tp.partition for tp in assigned if tp.topic == name)
+        if assigned != self._assigned:
+            self._assigned, self._gates = assigned, {}
+        name, gates, now = self.events_topic_name, self._gates, time.monotonic()
+        owned = sorted(tp.partition for tp in assigned if tp.topic == name)
+        due = [q for q in owned if gates.get(q, 0.0) is not True and now >= gates.get(q, 0.0)]
+        if due:
+            await self._barrier(due, gates)
+        return frozenset(q for q in owned if gates.get(q) is True)
+
+    async def _barrier(self, partitions: Sequence[int], gates: dict[int, bool | float]) -> None:
+        stream = self.settings.stream
+        loop = asyncio.get_running_loop()
+        token = uuid.uuid4().hex
+        waiting = {}
+        for q in partitions:
+            marker = f"{token}:{q}"
+            waiting[q] = self._barriers[marker] = loop.create_future()
+            await self.events_topic.send(key=b"features", value=orjson.dumps({"m": marker}), partition=q)
+        try:
+            await asyncio.wait(list(waiting.values()), timeout=stream.local_items_barrier_s)
+        finally:
+            for q in partitions:
+                self._barriers.pop(f"{token}:{q}", None)
+        late = []
+        for q, fut in waiting.items():
+            if fut.done() and not fut.cancelled():
+                gates[q] = True
+            else:
+                fut.cancel()
+                gates[q] = time.monotonic() + stream.local_items_retry_s
+                late.append(q)
+        if late:
+            log.warning("features: the item step did not reach the barrier on %s%s within %.1fs; forwarding "
+                        "their interactions, next try in %.0fs", self.events_topic_name, late,
+                        stream.local_items_barrier_s, stream.local_items_retry_s)
+        opened = [q for q in partitions if gates[q] is True]
+        if opened:
+            log.info("features: item states of %s%s are updated in the user step", self.events_topic_name, opened)
 
     # -- step 2: items
     async def process_item_messages(self, messages: Sequence[tuple[str, int, bytes]]) -> list[Awaitable]:
         """Apply forwarded interactions ``(topic, partition, value)``; returns what makes them durable."""
         deltas: list[tuple[int, ItemDelta]] = []
+        markers = []
         for topic, partition, value in messages:
             try:
-                deltas += [(partition, ItemDelta.from_list(v)) for v in orjson.loads(value)["d"]]
+                body = orjson.loads(value)
+                if "m" in body:  # a barrier of the local item path (see local_item_partitions)
+                    markers.append(body["m"])
+                    continue
+                deltas += [(partition, ItemDelta.from_list(v)) for v in body["d"]]
             except (ValueError, KeyError, TypeError, IndexError):
                 log.error("features: skipping a malformed message on %s[%d]", topic, partition)
         values, rows = self._apply_items(deltas)
+        for marker in markers:  # everything before the marker is applied (in order) now
+            fut = self._barriers.get(marker) if isinstance(marker, str) else None
+            if fut is not None and not fut.done():
+                fut.set_result(None)
         if not values:
             return []
         return [self._item_persist.persist(values), self.rows.submit([], rows)]
