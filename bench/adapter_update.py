@@ -2,9 +2,9 @@
 
 One repeat = what the training worker does when a trigger fires, in-process: build examples from the
 newest events of a synthetic world, train the serving adapter for at most ``trainer.max_steps`` steps
-(:class:`model.drift_trainer.DriftTrainer`), gate it against the serving adapter on the holdout
-(:mod:`model.gate`), save the checkpoint version, announce it, and apply the announcement to an
-in-process :class:`model.scorer.LMScorer` (verify, merge, re-embed the catalogue) until the new version
+(:class:`driftrec.model.training.drift_trainer.DriftTrainer`), gate it against the serving adapter on the holdout
+(:mod:`driftrec.model.training.gate`), save the checkpoint version, announce it, and apply the announcement to an
+in-process :class:`driftrec.model.serving.scorer.LMScorer` (verify, merge, re-embed the catalogue) until the new version
 serves. ``adapter_update_s`` is the wall time from the trigger until the scorer reports the new version.
 The gate tolerance is opened (1.0) so that every repeat ends in a swap; the gate's cost is still paid.
 """
@@ -28,10 +28,10 @@ THREADS = int(os.environ.get("DRIFTREC_BENCH_UPDATE_THREADS", "1"))
 def run(settings, repeats: int = 3) -> list[dict[str, Any]]:
     import torch
 
-    from driftrec.world import World
-    from model.lm import DevicePlan, load_encoder, load_tokenizer
-    from model.scorer import LMScorer
-    from model.training_worker import TrainingWorker
+    from driftrec.model.evaluation.world import World
+    from driftrec.model.lm import DevicePlan, load_encoder, load_tokenizer
+    from driftrec.model.serving.scorer import LMScorer
+    from driftrec.model.training.worker import TrainingWorker
 
     out: list[dict[str, Any]] = []
     threads_before = torch.get_num_threads()
@@ -85,10 +85,10 @@ def run(settings, repeats: int = 3) -> list[dict[str, Any]]:
     return out
 
 
-if __name__ == "__main__":  # python -m bench.adapter_update [repeats]
+if __name__ == "__main__":  # python -m driftrec.bench.adapter_update [repeats]
     import json
     import sys
 
-    from driftrec.settings import Settings
+    from driftrec.core.settings import Settings
 
     print(json.dumps(run(Settings.load(), int(sys.argv[1]) if len(sys.argv) > 1 else 1), indent=2))

@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from driftrec.broker import broker, free_port
+from driftrec.core.broker import broker, free_port
 from driftrec.demo import Children, _wait_http, child_env
-from driftrec.settings import Settings
+from driftrec.core.settings import Settings
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -30,7 +30,7 @@ def pct(values: list[float], q: float) -> float | None:
 
 async def _measure(settings: Settings, bootstrap: str, n_requests: int, request_rate: float, event_rate: float) -> list[float]:
     from driftrec.client import AsyncProducer, subscribe
-    from driftrec.world import World
+    from driftrec.model.evaluation.world import World
 
     world = World(n_users=200, n_items=400, seed=11)
     sent: dict[str, float] = {}

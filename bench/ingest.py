@@ -16,7 +16,7 @@ broker (or the configured one), with the online store under test (SQLite file or
    ``freshness_le_250ms`` - the share at or under 250 ms - is exact).
 
     run(settings, store="sqlite") -> {"ingest_events_per_s", "freshness_p50_ms", "freshness_p99_ms", ...}
-    run(settings, repeats=3)      -> [{"sqlite": {...}, "redis": {...}}, ...]   (bench.run's form)
+    run(settings, repeats=3)      -> [{"sqlite": {...}, "redis": {...}}, ...]   (driftrec.bench.run's form)
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 from urllib.request import urlopen
 
-from driftrec.settings import Settings
+from driftrec.core.settings import Settings
 
 _SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+([-+0-9.eEinfNa]+)$')
 
@@ -284,13 +284,13 @@ def _stop(proc: subprocess.Popen) -> None:
 
 def run_one(settings: Settings, store: str, *, n_events: int = 60_000, rate: float = 5000.0, seconds: float = 10.0,
             n_users: int = 2000, n_items: int = 1000, timeout: float = 300.0,
-            agents: str = "streams.agents.ingest,streams.agents.features") -> dict[str, Any]:
+            agents: str = "driftrec.streams.agents.ingest,driftrec.streams.agents.features") -> dict[str, Any]:
     """One store, one worker. ``agents`` other than the default is a diagnostic (e.g. ingest alone)."""
-    from driftrec.broker import broker
+    from driftrec.core.broker import broker
     from driftrec.demo import child_env
 
     if store == "redis":
-        from feature_store.redis import ping
+        from driftrec.feature_store.backends.redis import ping
 
         if not ping(settings.feast.redis_url):
             raise RuntimeError(f"Redis is not reachable at {settings.feast.redis_url}")
@@ -401,7 +401,7 @@ def run_one(settings: Settings, store: str, *, n_events: int = 60_000, rate: flo
 
 
 def run(settings: Settings, store: str | None = None, repeats: int = 1, **kw: Any):
-    """``store`` given: one flat result (the median-free single run); else per-store runs for bench.run."""
+    """``store`` given: one flat result (the median-free single run); else per-store runs for driftrec.bench.run."""
     if store is not None:
         return run_one(settings, store, **kw)
     runs = []
@@ -427,8 +427,8 @@ if __name__ == "__main__":
     p.add_argument("--events", type=int, default=60_000)
     p.add_argument("--rate", type=float, default=5000.0)
     p.add_argument("--seconds", type=float, default=10.0)
-    p.add_argument("--agents", default="streams.agents.ingest,streams.agents.features",
-                   help="agent modules the worker runs (diagnostic: streams.agents.ingest alone)")
+    p.add_argument("--agents", default="driftrec.streams.agents.ingest,driftrec.streams.agents.features",
+                   help="agent modules the worker runs (diagnostic: driftrec.streams.agents.ingest alone)")
     a = p.parse_args()
     out = run(Settings.load(), store=a.store, n_events=a.events, rate=a.rate, seconds=a.seconds, agents=a.agents)
     print(json.dumps(out, indent=2))

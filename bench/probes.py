@@ -1,8 +1,8 @@
 """Probes behind the streaming design: each measures one choice the features path makes.
 
-    python -m bench.probes delivery       # a trivial Faust agent: Faust's per-message path vs batches
-    python -m bench.probes writer-thread  # SQLite rows from a thread beside a busy thread vs alone
-    python -m bench.probes gc             # a full collection with Feast and Faust imported, frozen or not
+    python -m driftrec.bench.probes delivery       # a trivial Faust agent: Faust's per-message path vs batches
+    python -m driftrec.bench.probes writer-thread  # SQLite rows from a thread beside a busy thread vs alone
+    python -m driftrec.bench.probes gc             # a full collection with Feast and Faust imported, frozen or not
 
 They are not part of ``driftrec bench`` (they measure libraries, not driftrec); the numbers quoted in
 docs/streaming_features.md come from these commands on the 2-core machine.
@@ -24,7 +24,7 @@ from pathlib import Path
 
 
 def delivery(n: int = 100_000) -> dict:
-    """Events/s of an agent that only parses JSON: take_events (Faust) vs streams.batching."""
+    """Events/s of an agent that only parses JSON: take_events (Faust) vs driftrec.streams.batching."""
     out = {}
     for mode in ("faust_take_events", "batching"):
         code = _DELIVERY_CHILD.format(n=n, mode=mode, root=str(Path(__file__).resolve().parents[1]))
@@ -38,8 +38,8 @@ _DELIVERY_CHILD = r'''
 import asyncio, json, os, sys, time, uuid
 sys.path.insert(0, {root!r})
 import faust
-from driftrec.broker import EmbeddedBroker, patch_faust_for_tansu
-from streams.batching import BatchingTransport, batch_agent
+from driftrec.core.broker import EmbeddedBroker, patch_faust_for_tansu
+from driftrec.streams.batching import BatchingTransport, batch_agent
 
 N, MODE = {n}, {mode!r}
 
@@ -105,14 +105,13 @@ def _run_child(code: str, timeout: float) -> str:
 def writer_thread(rows: int = 3000) -> dict:
     """Seconds to upsert ``rows`` Feast user rows through the SQLite row store: alone, then from a
     thread while another thread keeps the interpreter busy (the event loop of a loaded worker)."""
-    from driftrec.settings import Settings
-    from feature_store.repo import open_store
-    from feature_store.sqlite import Rows
+    from driftrec.core.settings import Settings
+    from driftrec.feature_store.repo import open_store
+    from driftrec.feature_store.backends.sqlite import Rows
 
     tmp = Path(tempfile.mkdtemp(prefix="driftrec-probe-"))
     settings = Settings(feast={"repo_dir": str(tmp), "project": f"probe_{uuid.uuid4().hex[:8]}"})
-    open_store(settings, "sqlite")
-    store = Rows(settings)
+    store = Rows(open_store(settings, "sqlite"))
     t = time.time()
     data = [{"user_id": f"u{k}", "recent_items": json.dumps([f"m{j}" for j in range(20)]), "click_count": k,
              "rating_count": 1, "mean_rating": 3.5, "last_event_time": t, "genre_profile": "{}"} for k in range(rows)]
@@ -166,7 +165,7 @@ def gc_pause() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.probes", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m driftrec.bench.probes", description=__doc__.split("\n\n")[0])
     p.add_argument("probe", choices=["delivery", "writer-thread", "gc"])
     args = p.parse_args(argv)
     fn = {"delivery": delivery, "writer-thread": writer_thread, "gc": gc_pause}[args.probe]

@@ -24,11 +24,11 @@ from typing import Any
 
 # name -> (module, what it measures)
 BENCHMARKS: dict[str, tuple[str, str]] = {
-    "ingest": ("bench.ingest", "events/s into the online store per worker, freshness p50/p99 (SQLite, Redis)"),
-    "scoring": ("bench.scoring", "LM scoring latency p50/p99 for 100 candidates; hot-swap pause p99"),
-    "e2e": ("bench.e2e", "event -> recommendation latency p50/p99 through broker, worker and scorer"),
-    "workers": ("bench.workers", "pipeline throughput with 1 vs 2 Faust workers"),
-    "adapter_update": ("bench.adapter_update", "trigger -> new adapter serving (train, gate, publish, swap)"),
+    "ingest": ("driftrec.bench.ingest", "events/s into the online store per worker, freshness p50/p99 (SQLite, Redis)"),
+    "scoring": ("driftrec.bench.scoring", "LM scoring latency p50/p99 for 100 candidates; hot-swap pause p99"),
+    "e2e": ("driftrec.bench.e2e", "event -> recommendation latency p50/p99 through broker, worker and scorer"),
+    "workers": ("driftrec.bench.workers", "pipeline throughput with 1 vs 2 Faust workers"),
+    "adapter_update": ("driftrec.bench.adapter_update", "trigger -> new adapter serving (train, gate, publish, swap)"),
 }
 
 TARGETS = {
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
 
-    from driftrec.settings import Settings
+    from driftrec.core.settings import Settings
 
     settings = Settings.load(config=args.config)
     started = time.monotonic()

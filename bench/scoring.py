@@ -1,6 +1,6 @@
 """Scoring latency and hot-swap pause of the LM scorer.
 
-``run(settings, repeats=200) -> dict`` builds an :class:`model.scorer.LMScorer` over a synthetic
+``run(settings, repeats=200) -> dict`` builds an :class:`driftrec.model.serving.scorer.LMScorer` over a synthetic
 catalogue (2,000 items by default), then measures
 
 * ``score_p50_ms`` / ``score_p99_ms`` - one request = render + embed one (distinct, uncached) user
@@ -12,7 +12,7 @@ catalogue (2,000 items by default), then measures
   item vectors; cached versions reuse their item rows).
 
 Targets on the project's CPU: score p99 <= 50 ms for 100 candidates, swap pause p99 <= 30 ms.
-``python -m bench.scoring [--items N] [--repeats N]`` prints the result as JSON.
+``python -m driftrec.bench.scoring [--items N] [--repeats N]`` prints the result as JSON.
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ from typing import Any
 
 import torch
 
-from model.adapters import create_lora_model, save_checkpoint
-from model.base import HistoryEntry, UserContext
-from model.catalogue import Catalogue
-from model.scorer import LMScorer
-from streams.contracts import Item
+from driftrec.model.adapters import create_lora_model, save_checkpoint
+from driftrec.model.base import HistoryEntry, UserContext
+from driftrec.model.catalogue import Catalogue
+from driftrec.model.serving.scorer import LMScorer
+from driftrec.core.contracts import Item
 
 _GENRES = ["action", "comedy", "drama", "sci-fi", "romance", "horror", "animation", "crime", "documentary", "war"]
 _WORDS = (
@@ -205,7 +205,7 @@ def run(
 
 
 def main() -> None:
-    from driftrec.settings import Settings
+    from driftrec.core.settings import Settings
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=None)

@@ -3,8 +3,8 @@
 Each run starts ``n`` full workers (every agent; no scorer is reachable, which clicks and ratings
 do not need) on a fresh embedded broker, waits until every one of them has joined and processed
 events, then produces a backlog of clicks and ratings at full speed (the producer's batch path,
-~1 s) and measures it like ``bench.ingest``: from the first backlog event counted as ingested to
-the last, plus the item rows that follow one hop behind (:func:`bench.ingest.backlog_window`,
+~1 s) and measures it like ``driftrec.bench.ingest``: from the first backlog event counted as ingested to
+the last, plus the item rows that follow one hop behind (:func:`driftrec.bench.ingest.backlog_window`,
 summed over the workers' metrics endpoints).
 
 On these 2-core machines the workers share the cores with each other, their writer processes and
@@ -23,10 +23,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bench.ingest import _World, _metric, _produce, _scrape, _wait_port, backlog_window
-from driftrec.broker import broker
+from driftrec.bench.ingest import _World, _metric, _produce, _scrape, _wait_port, backlog_window
+from driftrec.core.broker import broker
 from driftrec.demo import Children, child_env
-from driftrec.settings import Settings
+from driftrec.core.settings import Settings
 
 
 def throughput(settings: Settings, n_workers: int, n_events: int, *, timeout: float = 300.0) -> float:

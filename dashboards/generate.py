@@ -5,7 +5,7 @@
 
 The JSON is written with sorted keys and a 2-space indent so diffs stay reviewable; edit this
 file, never the JSON. Every PromQL expression may only use metrics defined in
-``driftrec.metrics`` (plus ``up``): ``tests/test_observability.py`` checks it.
+``driftrec.core.metrics`` (plus ``up``): ``tests/test_observability.py`` checks it.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from driftrec import __version__
 
 
 def _settings(args):
-    from driftrec.settings import Settings
+    from driftrec.core.settings import Settings
 
     try:
         return Settings.load(config=args.config)
@@ -30,7 +30,7 @@ def cmd_broker(args) -> int:
     import signal
     import threading
 
-    from driftrec.broker import broker
+    from driftrec.core.broker import broker
 
     settings = _settings(args)
     if settings.kafka.bootstrap_servers:
@@ -126,7 +126,7 @@ def cmd_subscribe(args) -> int:
 
 
 def cmd_scorer(args) -> int:
-    from model.server import run_scorer
+    from driftrec.model.serving.server import run_scorer
 
     settings = _settings(args)
     run_scorer(settings, catalogue_path=args.catalogue, host=args.host, port=args.port)
@@ -134,29 +134,29 @@ def cmd_scorer(args) -> int:
 
 
 def cmd_evaluate(args, rest) -> int:
-    from model.evaluation import evaluate_main
+    from driftrec.model.evaluation.prequential import evaluate_main
 
     return evaluate_main(rest)
 
 
 def cmd_bench(args, rest) -> int:
-    from bench.run import main as bench_main
+    from driftrec.bench.run import main as bench_main
 
     return bench_main(rest)
 
 
 def cmd_train(args, rest) -> int:
-    from model.training_worker import train_main
+    from driftrec.model.training.worker import train_main
 
     return train_main(rest + (["--config", args.config] if args.config else []))
 
 
 def cmd_experiment(args, rest) -> int:
     if rest and rest[0] == "transfer":
-        from model.transfer import transfer_main
+        from driftrec.model.evaluation.transfer import transfer_main
 
         return transfer_main(rest[1:])
-    from model.experiment import experiment_main
+    from driftrec.model.evaluation.drift_experiment import experiment_main
 
     return experiment_main(rest)
 

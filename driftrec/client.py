@@ -29,8 +29,8 @@ import threading
 import time
 from typing import Any, AsyncIterator, Iterable
 
-from driftrec.settings import Settings
-from streams.contracts import (
+from driftrec.core.settings import Settings
+from driftrec.core.contracts import (
     Click,
     Event,
     Item,
@@ -38,7 +38,7 @@ from streams.contracts import (
     RecommendationRequest,
     new_event_id,
 )
-from streams.validation import Limits, Rejected, validate
+from driftrec.core.validation import Limits, Rejected, validate
 
 
 class EventError(ValueError):
@@ -80,7 +80,7 @@ class AsyncProducer:
     async def start(self) -> "AsyncProducer":
         from aiokafka import AIOKafkaProducer
 
-        from driftrec.broker import broker
+        from driftrec.core.broker import broker
 
         if self._bootstrap is None:
             with broker(self.settings, start=False) as servers:
@@ -212,7 +212,7 @@ async def subscribe(
     """
     from aiokafka import AIOKafkaConsumer
 
-    from driftrec.broker import broker, is_tansu, session_timeouts
+    from driftrec.core.broker import broker, is_tansu, session_timeouts
 
     settings = settings or Settings.load()
     if bootstrap_servers is None:

@@ -21,8 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from driftrec.broker import broker, free_port
-from driftrec.settings import Settings
+from driftrec.core.broker import broker, free_port
+from driftrec.core.settings import Settings
 
 
 def child_env(settings: Settings, bootstrap: str, run_dir: Path, **extra: str) -> dict[str, str]:
@@ -98,7 +98,7 @@ def _wait_http(url: str, timeout: float, children: Children) -> bool:
 def run_demo(settings: Settings, *, events: int | None = 2000, workers: int = 1, users: int = 200, items: int = 400,
              request_every: int = 50, rate: float = 500.0, scorer: bool = True, trainer: bool = True, quiet: bool = False,
              grace_s: float = 90.0) -> int:
-    from driftrec.world import World
+    from driftrec.model.evaluation.world import World
 
     world = World(n_users=users, n_items=items)
     titles = {it.item_id: f"{it.title} ({'/'.join(it.genres)})" for it in world.items}

@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 import sys
 
-from driftrec.broker import broker
-from driftrec.settings import Settings
+from driftrec.core.broker import broker
+from driftrec.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -19,8 +19,8 @@ log = logging.getLogger(__name__)
 def run_worker(settings: Settings) -> int:
     import faust
 
-    from driftrec.metrics import start_metrics_server
-    from streams.app import create_app
+    from driftrec.core.metrics import start_metrics_server
+    from driftrec.streams.app import create_app
 
     with broker(settings, start=True) as bootstrap:
         port = start_metrics_server(settings.metrics.port)

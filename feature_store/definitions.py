@@ -3,11 +3,11 @@
 Two entities (``user``, ``item``), one push source and one feature view per entity, and two feature
 services (``user_profile_v1``: the user's view; ``ranking_v1``: user + item views, what the scorer
 reads). The streaming features stage is the only writer; it writes through the online store
-directly in batches (see :mod:`feature_store.writer`). The push sources exist so that other
+directly in batches (see :mod:`driftrec.feature_store.writer`). The push sources exist so that other
 producers (a backfill, a notebook) can push rows with ``FeatureStore.push`` too.
 
 List-valued features (the recent items, the genre profile) are stored as JSON strings: every online
-store supports strings, and a reader decodes them (:mod:`feature_store.reader`).
+store supports strings, and a reader decodes them (:mod:`driftrec.feature_store.reader`).
 
 Field order matters nowhere; the column names below are the contract with readers:
 
@@ -18,7 +18,7 @@ user_features
 item_features
     click_count, rating_count, popularity_total (interactions), popularity_decayed (time-decayed
     interaction count as of ``popularity_time``), popularity_time (unix s), mean_rating,
-    last_event_time (unix s). Decay to now with :func:`feature_store.reader.decay_popularity`.
+    last_event_time (unix s). Decay to now with :func:`driftrec.feature_store.reader.decay_popularity`.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def objects(repo_dir: Path) -> list:
         schema=[Field(name=n, dtype=t) for n, t in USER_FEATURES.items()],
         source=user_push,
         online=True,
-        tags={"owner": "driftrec.features", "written_by": "streams.agents.features"},
+        tags={"owner": "driftrec.features", "written_by": "driftrec.streams.agents.features"},
     )
     item_view = FeatureView(
         name=ITEM_VIEW,
@@ -92,7 +92,7 @@ def objects(repo_dir: Path) -> list:
         schema=[Field(name=n, dtype=t) for n, t in ITEM_FEATURES.items()],
         source=item_push,
         online=True,
-        tags={"owner": "driftrec.features", "written_by": "streams.agents.features"},
+        tags={"owner": "driftrec.features", "written_by": "driftrec.streams.agents.features"},
     )
     user_service = FeatureService(name=USER_SERVICE, features=[user_view])
     ranking = FeatureService(name=RANKING_SERVICE, features=[user_view, item_view])

@@ -8,7 +8,7 @@ statement, so while the event loop is busy every statement waits out the switch 
 measured here, 3,000 rows took 0.1 s from an idle process and 25-55 s beside one busy Python thread.
 A process runs on the other core:
 
-* the parent (:class:`ProcessWriter`, the :class:`~feature_store.writer.FeatureWriter` every worker
+* the parent (:class:`ProcessWriter`, the :class:`~driftrec.feature_store.writer.FeatureWriter` every worker
   uses) sends each batch of rows as one JSON message over a pipe and awaits the reply without
   blocking its loop;
 * the child runs the backend's blocking row store (``feature_store.<backend>.Rows``) - the one
@@ -32,8 +32,11 @@ from typing import Sequence
 
 import orjson
 
-from driftrec.settings import Settings
-from feature_store.writer import FeatureWriter, Row
+from driftrec.core.settings import Settings
+from driftrec.feature_store.backends import get_backend
+from driftrec.feature_store.codec import Row
+from driftrec.feature_store.repo import open_store
+from driftrec.feature_store.writer import FeatureWriter
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +50,15 @@ def _serve(conn, settings_json: str, store: str) -> None:  # pragma: no cover - 
     except OSError:
         pass
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker decides when we stop (it closes the pipe)
-    from feature_store.repo import backend_module
-
     try:
-        rows = backend_module(store).Rows(Settings(**orjson.loads(settings_json)))
+        settings = Settings(**orjson.loads(settings_json))
+        # the parent applied the definitions; the child only opens the store
+        rows = get_backend(store).rows(open_store(settings, store, apply=False))
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
         conn.send_bytes(f"could not open the {store} online store: {exc!r}".encode())
         return
     gc.collect()
-    gc.freeze()  # what Feast's import built stays out of the collector's walks (see streams.app)
+    gc.freeze()  # what Feast's import built stays out of the collector's walks (see driftrec.streams.app)
     conn.send_bytes(b"")
     try:
         while True:
@@ -78,7 +81,7 @@ def _context():
     so a writer starts in milliseconds (forking the worker itself, which runs threads, is not safe;
     spawning a fresh interpreter per writer costs seconds)."""
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["feature_store.process", "feature_store.sqlite", "feature_store.redis",
+    ctx.set_forkserver_preload(["driftrec.feature_store.process", "driftrec.feature_store.backends.sqlite", "driftrec.feature_store.backends.redis",
                                 "feast.infra.online_stores.sqlite", "feast.infra.online_stores.redis", "feast"])
     return ctx
 
@@ -93,8 +96,6 @@ class ProcessWriter(FeatureWriter):
         self._conn = None
 
     async def _start(self) -> None:
-        from feature_store.repo import open_store
-
         await asyncio.to_thread(open_store, self.settings, self.store_name)  # apply the definitions once, here
         await self._spawn()
 
@@ -171,3 +172,8 @@ class ProcessWriter(FeatureWriter):
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
+
+def create_writer(settings: Settings, store: str | None = None) -> FeatureWriter:
+    """The writer for ``store`` (default ``settings.feast.online_store``): the backend's row store,
+    run by a writer process."""
+    return ProcessWriter(settings, store)

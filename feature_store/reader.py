@@ -25,8 +25,8 @@ import threading
 import time
 from typing import Any, Iterable
 
-from driftrec.settings import Settings
-from feature_store.definitions import ITEM_FEATURES, ITEM_VIEW, USER_FEATURES, USER_VIEW
+from driftrec.core.settings import Settings
+from driftrec.feature_store.definitions import ITEM_FEATURES, ITEM_VIEW, USER_FEATURES, USER_VIEW
 
 Features = dict[str, Any]
 
@@ -51,11 +51,12 @@ class FeatureReader:
                 return
             from feast.repo_config import load_repo_config
 
-            from feature_store import definitions
-            from feature_store.repo import backend_module, write_repo_config
+            from driftrec.feature_store import definitions
+            from driftrec.feature_store.backends import get_backend
+            from driftrec.feature_store.repo import write_repo_config
 
             repo_dir = write_repo_config(self.settings, self.store)
-            self._backend = backend_module(self.store)
+            self._backend = get_backend(self.store)
             self._config = load_repo_config(repo_dir, repo_dir / "feature_store.yaml")
             objs = {getattr(o, "name", None): o for o in definitions.objects(repo_dir)}
             self._user_view = objs[USER_VIEW]

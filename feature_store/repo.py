@@ -3,7 +3,7 @@
 No CLI step: :func:`open_store` writes ``feature_store.yaml`` into ``settings.feast.repo_dir``
 (project, file registry, file offline store, the online store from the backend module,
 ``entity_key_serialization_version: 3``), builds a :class:`feast.FeatureStore` on it and applies
-:mod:`feature_store.definitions` (idempotent). ``import feast`` takes 3-4 s, so this module imports
+:mod:`driftrec.feature_store.definitions` (idempotent). ``import feast`` takes 3-4 s, so this module imports
 it lazily.
 """
 
@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from driftrec.settings import Settings
+from driftrec.core.settings import Settings
+from driftrec.feature_store.backends import get_backend
 
 if TYPE_CHECKING:  # pragma: no cover
     from feast import FeatureStore
@@ -27,16 +28,6 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 _apply_lock = threading.Lock()
-
-
-def backend_module(store: str):
-    if store == "sqlite":
-        from feature_store import sqlite as mod
-    elif store == "redis":
-        from feature_store import redis as mod
-    else:
-        raise ValueError(f"unknown online store {store!r} (sqlite|redis)")
-    return mod
 
 
 def repo_config(settings: Settings, store: str | None = None) -> dict:
@@ -48,7 +39,7 @@ def repo_config(settings: Settings, store: str | None = None) -> dict:
         "project": f.project,
         "provider": "local",
         "registry": {"registry_type": "file", "path": str(repo_dir / "registry.db"), "cache_ttl_seconds": 0},
-        "online_store": backend_module(store).online_store_config(settings),
+        "online_store": get_backend(store).online_store_config(settings),
         "offline_store": {"type": "file"},
         "entity_key_serialization_version": 3,
     }
@@ -83,7 +74,7 @@ def open_store(settings: Settings, store: str | None = None, *, apply: bool = Tr
     """A FeatureStore on the generated repo; ``apply`` registers the definitions (idempotent)."""
     from feast import FeatureStore
 
-    from feature_store import definitions
+    from driftrec.feature_store import definitions
 
     repo_dir = write_repo_config(settings, store)
     fs = FeatureStore(repo_path=str(repo_dir))

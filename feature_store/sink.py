@@ -18,8 +18,9 @@ import asyncio
 import logging
 from typing import Sequence
 
-from driftrec import metrics
-from feature_store.writer import FeatureWriter, Row
+from driftrec.core import metrics
+from driftrec.feature_store.codec import Row
+from driftrec.feature_store.writer import FeatureWriter
 
 log = logging.getLogger(__name__)
 

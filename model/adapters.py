@@ -50,7 +50,8 @@ ALLOWED_FILES = frozenset({WEIGHTS_NAME, CONFIG_NAME, MANIFEST_NAME, "README.md"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz")
 MAX_WEIGHTS_BYTES = 512 * 1024 * 1024
 MAX_JSON_BYTES = 1024 * 1024
-RESERVED_VERSIONS = frozenset({"base"})  # "base" = the bare base model, see model.scorer.BASE_VERSION
+BASE_VERSION = "base"  # the adapter version reported when a domain serves the bare base model
+RESERVED_VERSIONS = frozenset({BASE_VERSION})
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -169,8 +170,8 @@ def create_lora_model(
 ):
     """A fresh trainable PEFT LoRA model around the base encoder (the trainer's entry point).
 
-    ``settings`` is a :class:`driftrec.settings.Settings` (LoRA r/alpha/dropout, model path, device);
-    ``base_model`` defaults to ``model.lm.load_encoder`` on the settings' model path and device. With
+    ``settings`` is a :class:`driftrec.core.settings.Settings` (LoRA r/alpha/dropout, model path, device);
+    ``base_model`` defaults to ``driftrec.model.lm.load_encoder`` on the settings' model path and device. With
     ``init_from`` (a checkpoint folder inside ``adapter_dir``), the LoRA weights start from that
     verified checkpoint (e.g. another domain's active adapter) instead of PEFT's zero-B init.
     """
@@ -178,7 +179,7 @@ def create_lora_model(
 
     ms = getattr(settings, "model", None)
     if base_model is None:
-        from model.lm import choose_device, load_encoder
+        from driftrec.model.lm import choose_device, load_encoder
 
         plan = choose_device(ms.device if ms else "auto", ms.dtype if ms else "auto") if ms else None
         base_model = load_encoder(ms.model_path if ms else None, plan)

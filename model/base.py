@@ -3,7 +3,7 @@
 A scorer turns a user context (who, what they did recently, optional free text) and a list of candidate
 item ids into one score per candidate, and says which model and adapter produced the scores. The
 streaming pipeline, the HTTP server and the offline evaluation only talk to this interface, so the
-language-model scorer (:class:`model.scorer.LMScorer`) can be replaced by a test double or another model.
+language-model scorer (:class:`driftrec.model.serving.scorer.LMScorer`) can be replaced by a test double or another model.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""In-memory item catalogue: item_id -> :class:`streams.contracts.Item`, per domain.
+"""In-memory item catalogue: item_id -> :class:`driftrec.core.contracts.Item`, per domain.
 
 The scorer reads item texts from here. Writers (the items-topic agent, ``POST /v1/items``, tests) call
 :meth:`Catalogue.upsert`; readers take an immutable :class:`CatalogueView` of one domain, so a reader
@@ -15,7 +15,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping
 
-from streams.contracts import Item, new_event_id, now
+from driftrec.core.contracts import Item, new_event_id, now
 
 
 @dataclass(frozen=True)

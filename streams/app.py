@@ -1,4 +1,4 @@
-"""The Faust application: one factory, agents registered by the modules in ``streams.agents``.
+"""The Faust application: one factory, agents registered by the modules in ``driftrec.streams.agents``.
 
 ``create_app(settings, bootstrap_servers)`` builds a :class:`DriftrecApp` (a ``faust.App``) with
 the broker-appropriate timeouts (short ones against Tansu, whose JoinGroup answers after about half
@@ -16,20 +16,20 @@ from pathlib import Path
 
 import faust
 
-from driftrec.broker import is_tansu, patch_faust_for_tansu, session_timeouts
-from driftrec.settings import Settings
-from streams import faust_fixes
-from streams.batching import BatchingTransport
-from streams.catalogue import CatalogueFollower, TopicFollower
-from streams.pipeline import Pipeline
+from driftrec.core.broker import is_tansu, patch_faust_for_tansu, session_timeouts
+from driftrec.core.settings import Settings
+from driftrec.streams import faust_patches as faust_fixes
+from driftrec.streams.batching import BatchingTransport
+from driftrec.core.followers import CatalogueFollower, TopicFollower
+from driftrec.streams.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
 # Modules with a ``register(app)`` function, in pipeline order.
 AGENT_MODULES = (
-    "streams.agents.ingest",
-    "streams.agents.features",
-    "streams.agents.recommend",
+    "driftrec.streams.agents.ingest",
+    "driftrec.streams.agents.features",
+    "driftrec.streams.agents.recommend",
 )
 
 
@@ -93,13 +93,13 @@ def create_app(settings: Settings, bootstrap_servers: str, *, agents: tuple[str,
         broker_request_timeout=max(session_timeout * 3, 40.0),
         broker_commit_interval=1.0,
         broker_max_poll_records=s.batch_size,
-        # changelog records go out in record batches of up to this size (streams.changelog)
+        # changelog records go out in record batches of up to this size (driftrec.streams.changelog)
         producer_max_batch_size=1024 * 1024,
         producer_max_request_size=4 * 1024 * 1024,
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
         stream_wait_empty=False,
-        # Metrics are served by prometheus_client (driftrec.metrics), not Faust's web server,
+        # Metrics are served by prometheus_client (driftrec.core.metrics), not Faust's web server,
         # so several workers on one host need no port each.
         web_enabled=False,
         table_standby_replicas=0,
@@ -114,7 +114,7 @@ def create_app(settings: Settings, bootstrap_servers: str, *, agents: tuple[str,
     for name in agents:
         module = __import__(name, fromlist=["register"])
         module.register(app)
-    from driftrec import metrics
+    from driftrec.core import metrics
 
     inputs = [settings.topics.clicks.name, settings.topics.ratings.name, settings.topics.items.name,
               settings.topics.requests.name]

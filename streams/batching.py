@@ -24,7 +24,7 @@ table recovery) and changes only how fetched records reach the agents that ask f
   never acknowledged, so they are fetched again from the committed offsets), and the revoke
   handler waits for the batches already taken to become durable before the partitions move on.
 
-``app.batch_routes`` maps topic names to routes; :meth:`streams.app.DriftrecApp._new_transport`
+``app.batch_routes`` maps topic names to routes; :meth:`driftrec.streams.app.DriftrecApp._new_transport`
 installs :class:`BatchingTransport`.
 """
 

@@ -13,7 +13,7 @@ batch, so it writes them here instead, with the same result on the broker:
   after Faust's own changelog writes (RocksDB recovery then reads only what came after).
 
 Recovery is Faust's own: it reads these changelog records like any others. The returned awaitable
-is what the batch's acknowledgement waits on (:mod:`streams.batching`), so committed offsets imply
+is what the batch's acknowledgement waits on (:mod:`driftrec.streams.batching`), so committed offsets imply
 a durable changelog.
 """
 

@@ -8,7 +8,7 @@ item, say): those go to the dead-letter topic like malformed ones, so nothing is
 A stage returns a :class:`StageResult`: its rejections, and the awaitables that make its outputs
 for the batch durable (changelog records acknowledged, online-store rows written, messages sent).
 The ingest agent acknowledges a batch's records - lets their offsets be committed - only once all
-of them have completed (:mod:`streams.batching`), so a stage never blocks the next batch on its
+of them have completed (:mod:`driftrec.streams.batching`), so a stage never blocks the next batch on its
 writes.
 """
 
@@ -18,8 +18,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Sequence
 
-from streams.contracts import Event
-from streams.validation import Rejected
+from driftrec.core.contracts import Event
+from driftrec.core.validation import Rejected
 
 log = logging.getLogger(__name__)
 

@@ -12,10 +12,10 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from streams.contracts import Click, Rating, RecommendationRequest, RecommendedItem
+from driftrec.core.contracts import Click, Rating, RecommendationRequest, RecommendedItem
 
 if TYPE_CHECKING:
-    from streams.app import DriftrecApp
+    from driftrec.streams.app import DriftrecApp
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class Ranker:
 
     def __init__(self, app: "DriftrecApp") -> None:
         self.app = app
-        from model.candidates import DecayedPopularitySource
+        from driftrec.model.ranking.sources import DecayedPopularitySource
 
         s = app.settings
         self.popularity = DecayedPopularitySource(half_life_s=s.feast.popularity_half_life_s)
@@ -108,10 +108,10 @@ class LoopRanker(Ranker):
 
     def __init__(self, app: "DriftrecApp") -> None:
         super().__init__(app)
-        from model.candidates import ItemKNNSource, PopularitySource
-        from model.corrections import RiverCorrector
-        from streams.catalogue import InteractionFollower
-        from streams.scorer_client import ScorerClient
+        from driftrec.model.ranking.sources import ItemKNNSource, PopularitySource
+        from driftrec.model.ranking.corrections import RiverCorrector
+        from driftrec.core.followers import InteractionFollower
+        from driftrec.streams.scorer_client import ScorerClient
 
         s = app.settings
         self.itemknn = ItemKNNSource(user_decay=0.9, max_history=50)
@@ -126,7 +126,7 @@ class LoopRanker(Ranker):
         self.online: deque[tuple[bool, float]] = deque(maxlen=1000)
         self.errors: deque[float] = deque(maxlen=500)
         self._reader = None
-        from streams.app import follow
+        from driftrec.streams.app import follow
 
         self.follower = follow(app, InteractionFollower(s, app.bootstrap_servers))
         self.follower.listen(self._learn_global)
@@ -149,7 +149,7 @@ class LoopRanker(Ranker):
         shown = self.shown.get(ev.user_id)
         if not shown:
             return
-        from driftrec import metrics
+        from driftrec.core import metrics
 
         positive = isinstance(ev, Click) or ev.rating >= 4
         if positive:  # online quality of what was served: was the chosen item in the list, how high
@@ -169,7 +169,7 @@ class LoopRanker(Ranker):
         metrics.CORRECTION_ERROR.labels(domain=ev.domain or "default").set(sum(self.errors) / len(self.errors))
 
     def _on_drift(self, event) -> None:
-        from driftrec import metrics
+        from driftrec.core import metrics
 
         metrics.DRIFT_DETECTIONS.labels(domain="default", detector="adwin").inc()
         log.warning("drift in the correction error after %d updates (#%d)", event.updates, event.count)
@@ -177,14 +177,14 @@ class LoopRanker(Ranker):
     # -- ranking --------------------------------------------------------------------------------
     def reader(self):
         if self._reader is None:
-            from feature_store.reader import FeatureReader
+            from driftrec.feature_store.reader import FeatureReader
 
             self._reader = FeatureReader(self.app.settings)
         return self._reader
 
     async def rank(self, req: RecommendationRequest) -> Ranked:
-        from driftrec import metrics
-        from streams.scorer_client import ScorerUnavailable
+        from driftrec.core import metrics
+        from driftrec.streams.scorer_client import ScorerUnavailable
 
         user = req.user_id
         try:

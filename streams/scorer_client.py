@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 import aiohttp
 
-from driftrec import metrics
+from driftrec.core import metrics
 
 
 class ScorerUnavailable(Exception):

@@ -11,7 +11,7 @@ Idempotence (at-least-once delivery everywhere; no exactly-once on this broker),
   (*redelivered*). This is exact and costs O(partitions) per entity. The stage re-writes the state
   and the row of a redelivered entity (the crash may have come before they were durable); it need
   not forward the interaction again, because a user state is persisted only after its forwards to
-  the item stage are acknowledged (:mod:`streams.agents.features`).
+  the item stage are acknowledged (:mod:`driftrec.streams.agents.features`).
 * **Duplicates, by event id** (users). The same event under a new offset - a producer retry, an app
   re-sending its log - is recognised by its id: a user state remembers 64-bit hashes of its newest
   ``dedupe_ids`` event ids. An unknown id whose event is older than everything the memory has

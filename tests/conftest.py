@@ -9,7 +9,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from driftrec.broker import create_topics  # noqa: E402
+from driftrec.core.broker import create_topics  # noqa: E402
 from tests.support import settings_for, start_broker, tansu_pids  # noqa: E402
 
 

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 
-from driftrec.settings import Settings
-from model.adapters import create_lora_model, save_checkpoint
-from model.base import HistoryEntry, UserContext
-from model.lm import DevicePlan, embed_texts, load_encoder, load_tokenizer
-from model.scorer import render_history
-from streams.contracts import Item
+from driftrec.core.settings import Settings
+from driftrec.model.adapters import create_lora_model, save_checkpoint
+from driftrec.model.base import HistoryEntry, UserContext
+from driftrec.model.lm import DevicePlan, embed_texts, load_encoder, load_tokenizer
+from driftrec.model.text import render_history
+from driftrec.core.contracts import Item
 
 ADMIN_TOKEN = "test-admin-token"
 MAX_LENGTH = 32

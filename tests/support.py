@@ -15,8 +15,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Iterable
 
-from driftrec.broker import EmbeddedBroker
-from driftrec.settings import Settings
+from driftrec.core.broker import EmbeddedBroker
+from driftrec.core.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 

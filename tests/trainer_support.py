@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from driftrec.settings import Settings
-from driftrec.world import World
+from driftrec.core.settings import Settings
+from driftrec.model.evaluation.world import World
 from tests.scorer_support import base_model_and_tokenizer
 
 MAX_LENGTH = 32
@@ -27,7 +27,7 @@ def tiny_world(seed: int = 3, shift_at: int | None = None) -> World:
 
 
 def make_worker(settings: Settings, world: World, **kw):
-    from model.training_worker import TrainingWorker
+    from driftrec.model.training.worker import TrainingWorker
 
     base, tok = base_model_and_tokenizer()
     return TrainingWorker(settings, items=world.items, encoder=base, tokenizer=tok, **kw)

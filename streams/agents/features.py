@@ -1,12 +1,12 @@
 """The features stage: clicks and ratings -> running user and item state -> Feast online store.
 
-Two steps, each over whole batches (:mod:`streams.batching`; per-event work is what limits a Faust
+Two steps, each over whole batches (:mod:`driftrec.streams.batching`; per-event work is what limits a Faust
 worker, so nothing here is done per event that can be done per batch):
 
 1. **User step** - a pipeline stage over the ingest agent's batches of clicks and ratings, which are
    keyed by user id. Rejects what it cannot use (unknown item, non-finite or far-future time,
    non-finite rating) back to the ingest agent, which dead-letters it. Applies each event to the
-   user's :class:`~streams.state.UserState` (:mod:`streams.state`: redeliveries skipped by source
+   user's :class:`~driftrec.streams.state.UserState` (:mod:`driftrec.streams.state`: redeliveries skipped by source
    offset, duplicates by event id), forwards the new interactions re-keyed by item id to the
    ``topics.events`` topic (one message per target partition per batch), stores every touched user
    state once in the ``features-users`` table (changelogged) and writes one row per touched user to
@@ -18,12 +18,12 @@ worker, so nothing here is done per event that can be done per batch):
 Durability and ordering (at-least-once everywhere; a batch is acknowledged only when all of it is
 durable, so committed offsets imply durable state, forwards and rows):
 
-* a user state is persisted (local store + changelog, :class:`~streams.changelog.TableWriter`) only
+* a user state is persisted (local store + changelog, :class:`~driftrec.streams.changelog.TableWriter`) only
   after the batch's forwards are acknowledged by the broker - so a state that says "applied" never
   has a forward that could still be lost, and a redelivered interaction need not be forwarded again;
 * persists of one table run one batch after the other (a later batch never overtakes an earlier one
   in the store or the changelog);
-* rows go through a :class:`~feature_store.sink.RowSink`: one online-store write in flight, later
+* rows go through a :class:`~driftrec.feature_store.sink.RowSink`: one online-store write in flight, later
   rows coalesced per entity;
 * a redelivered event (a replay after a crash or a rebalance) re-writes its entity's state and row,
   in case the crash came before they were durable.
@@ -46,19 +46,20 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence
 
 import orjson
 
-from driftrec import metrics
-from feature_store.sink import RowSink
-from feature_store.writer import FeatureWriter, create_writer
-from streams.batching import MessageBatch, batch_agent
-from streams.changelog import StateStore, TableWriter
-from streams.contracts import Click, Rating
-from streams.pipeline import Accepted, StageResult
-from streams.state import (CLICK, RATING, Interaction, ItemDelta, ItemState, UserState, Verdict, forward_record,
+from driftrec.core import metrics
+from driftrec.feature_store.sink import RowSink
+from driftrec.feature_store.process import create_writer
+from driftrec.feature_store.writer import FeatureWriter
+from driftrec.streams.batching import MessageBatch, batch_agent
+from driftrec.streams.changelog import StateStore, TableWriter
+from driftrec.core.contracts import Click, Rating
+from driftrec.streams.pipeline import Accepted, StageResult
+from driftrec.streams.state import (CLICK, RATING, Interaction, ItemDelta, ItemState, UserState, Verdict, forward_record,
                            genre_weights, source_code)
-from streams.validation import Rejected
+from driftrec.core.validation import Rejected
 
 if TYPE_CHECKING:  # pragma: no cover
-    from streams.app import DriftrecApp
+    from driftrec.streams.app import DriftrecApp
 
 log = logging.getLogger(__name__)
 

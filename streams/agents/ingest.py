@@ -1,8 +1,8 @@
 """The ingest agent: validate every inbound event; good ones to the pipeline, bad ones to dead letters.
 
 One agent reads the raw bytes of the clicks, ratings, items and recommendation-request topics a
-fetch at a time (:mod:`streams.batching`). Each record is validated against its topic's contract
-(:mod:`streams.validation`); a record that fails, or that a pipeline stage rejects, goes to the
+fetch at a time (:mod:`driftrec.streams.batching`). Each record is validated against its topic's contract
+(:mod:`driftrec.core.validation`); a record that fails, or that a pipeline stage rejects, goes to the
 dead-letter topic with its original bytes, key, source position and the reason. A batch's records
 are acknowledged (their offsets may be committed) only after every stage's outputs for it and its
 dead letters are durable, so a crash redelivers rather than loses; stages are idempotent.
@@ -15,14 +15,14 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from driftrec import metrics
-from streams.contracts import Click, DeadLetter, Item, Rating, RecommendationRequest, new_event_id
-from streams.batching import MessageBatch, batch_agent
-from streams.pipeline import Accepted, StageResult
-from streams.validation import Limits, Rejected, validate
+from driftrec.core import metrics
+from driftrec.core.contracts import Click, DeadLetter, Item, Rating, RecommendationRequest, new_event_id
+from driftrec.streams.batching import MessageBatch, batch_agent
+from driftrec.streams.pipeline import Accepted, StageResult
+from driftrec.core.validation import Limits, Rejected, validate
 
 if TYPE_CHECKING:
-    from streams.app import DriftrecApp
+    from driftrec.streams.app import DriftrecApp
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The recommend stage: answer recommendation requests on the recommendations topic.
 
 For each request the stage ranks candidates and publishes a :class:`Recommendation` keyed by user
-id. Ranking goes through :class:`streams.ranking.Ranker`; when the LM scorer cannot answer, the
+id. Ranking goes through :class:`driftrec.streams.ranking.Ranker`; when the LM scorer cannot answer, the
 fallback ranking (time-decayed popularity over this worker's stream, excluding what the user has
 seen) is used and the output is flagged ``fallback=true``.
 """
@@ -12,13 +12,13 @@ import logging
 import time
 from typing import TYPE_CHECKING, Sequence
 
-from driftrec import metrics
-from streams.contracts import Click, Rating, Recommendation, RecommendationRequest, new_event_id
-from streams.pipeline import Accepted, StageResult
-from streams.ranking import build_ranker
+from driftrec.core import metrics
+from driftrec.core.contracts import Click, Rating, Recommendation, RecommendationRequest, new_event_id
+from driftrec.streams.pipeline import Accepted, StageResult
+from driftrec.streams.ranking import build_ranker
 
 if TYPE_CHECKING:
-    from streams.app import DriftrecApp
+    from driftrec.streams.app import DriftrecApp
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,244 @@
+"""docker/: compose file, Dockerfiles, Prometheus config and alert rules (no Docker engine needed)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from driftrec.testing.prometheus import promtool_binary
+
+REPO = Path(__file__).resolve().parents[2]
+DOCKER = REPO / "docker"
+PROM_DIR = DOCKER / "prometheus"
+COMPOSE = DOCKER / "compose.yaml"
+DRIFTREC_SERVICES = {"worker": "worker", "trainer": "train", "scorer": "scorer"}
+
+_INTERPOLATION_RE = re.compile(r"\$\{(\w+)(?:(:?-)([^}]*)|:?\?[^}]*)?\}")
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def _env(service: dict) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {k: str(v) for k, v in env.items()}
+
+
+def _interpolate(value: str) -> str:
+    """Compose ${VAR}, ${VAR:-default}, ${VAR:?error}: defaults kept, required values made up."""
+
+    def repl(m: re.Match[str]) -> str:
+        return m.group(3) if m.group(2) else f"test-{m.group(1).lower()}"
+
+    return _INTERPOLATION_RE.sub(repl, value)
+
+
+def _torch_pin() -> str:
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    [pin] = [d for d in deps if d.replace(" ", "").startswith("torch==")]
+    return pin.split("==", 1)[1].strip()
+
+
+def test_compose_services(compose):
+    services = compose["services"]
+    assert {"kafka", "redis", "prometheus", "grafana", "worker", "trainer", "scorer"} <= set(services)
+    assert services["kafka"]["image"].startswith("apache/kafka:")
+    assert services["redis"]["image"].startswith("redis:")
+    assert services["prometheus"]["image"].startswith("prom/prometheus:")
+    assert services["grafana"]["image"].startswith("grafana/grafana:")
+    for name, service in services.items():
+        image = service.get("image", "")
+        assert not image.endswith(":latest") or "build" in service, f"{name}: pin the image tag"
+        assert ":" in image, f"{name}: pin the image tag"
+
+
+def test_kafka_is_single_node_kraft(compose):
+    env = _env(compose["services"]["kafka"])
+    assert set(env["KAFKA_PROCESS_ROLES"].split(",")) == {"broker", "controller"}
+    node = env["KAFKA_NODE_ID"]
+    assert env["KAFKA_CONTROLLER_QUORUM_VOTERS"] == f"{node}@kafka:9093"
+    assert env["KAFKA_CONTROLLER_LISTENER_NAMES"] == "CONTROLLER"
+    assert "CONTROLLER://" in env["KAFKA_LISTENERS"]
+    assert "PLAINTEXT://kafka:9092" in env["KAFKA_ADVERTISED_LISTENERS"]
+    assert "CONTROLLER:PLAINTEXT" in env["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"]
+    assert re.fullmatch(r"[A-Za-z0-9_-]{22}", env["CLUSTER_ID"])
+    for key in ("KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR", "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR"):
+        assert env[key] == "1", key
+
+
+def test_driftrec_services_configured_through_settings(compose, monkeypatch):
+    from driftrec.core.settings import Settings
+
+    services = compose["services"]
+    for name, subcommand in DRIFTREC_SERVICES.items():
+        service = services[name]
+        assert service["command"] == ["driftrec", subcommand], name
+        env = _env(service)
+        assert env, name
+        for key in env:
+            assert key.startswith("DRIFTREC_"), f"{name}: {key} is not a driftrec setting"
+            section = key[len("DRIFTREC_"):].split("__", 1)[0].lower()
+            assert section in Settings.model_fields, f"{name}: {key} names no settings section"
+        assert env["DRIFTREC_KAFKA__BOOTSTRAP_SERVERS"] == "kafka:9092"
+        assert env["DRIFTREC_FEAST__ONLINE_STORE"] == "redis"
+        assert env["DRIFTREC_FEAST__REDIS_URL"] == "redis:6379"
+        assert "DRIFTREC_SCORER__ADMIN_TOKEN" in env
+        assert "DRIFTREC_METRICS__PORT" in env
+        with monkeypatch.context() as m:
+            for key in [k for k in os.environ if k.startswith("DRIFTREC_")]:
+                m.delenv(key)
+            for key, value in env.items():
+                m.setenv(key, _interpolate(value))
+            settings = Settings()  # validates every value (extra keys in a section are rejected)
+        assert settings.kafka.bootstrap_servers == "kafka:9092" and not settings.kafka.embedded
+        assert settings.feast.online_store == "redis"
+        assert settings.scorer.admin_token, f"{name}: the admin token must be set"
+        assert settings.scorer.base_url == "http://scorer:8088"
+
+
+def test_admin_token_is_not_hardcoded(compose):
+    for name in DRIFTREC_SERVICES:
+        token = _env(compose["services"][name])["DRIFTREC_SCORER__ADMIN_TOKEN"]
+        assert token.startswith("${") and ":?" in token, f"{name}: admin token must come from the environment"
+
+
+def test_scorer_reserves_an_nvidia_gpu(compose):
+    scorer = compose["services"]["scorer"]
+    devices = scorer["deploy"]["resources"]["reservations"]["devices"]
+    assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
+    assert scorer["build"]["dockerfile"] == "docker/Dockerfile.gpu"
+    env = _env(scorer)
+    assert env["DRIFTREC_SCORER__HOST"] == "0.0.0.0"
+
+
+def test_build_contexts_dockerfiles_and_mounts_exist(compose):
+    declared_volumes = set(compose.get("volumes") or {})
+    for name, service in compose["services"].items():
+        build = service.get("build")
+        if build:
+            context = (DOCKER / build["context"]).resolve()
+            assert context.is_dir(), f"{name}: build context {context}"
+            dockerfile = context / build.get("dockerfile", "Dockerfile")
+            assert dockerfile.is_file(), f"{name}: {dockerfile}"
+        for volume in service.get("volumes", []):
+            source = volume.split(":", 1)[0] if isinstance(volume, str) else volume["source"]
+            if source.startswith((".", "/")):
+                assert (DOCKER / source).resolve().exists(), f"{name}: mounted {source} is missing"
+            else:
+                assert source in declared_volumes, f"{name}: volume {source} not declared"
+
+
+def test_prometheus_and_grafana_mounts(compose):
+    def mounts(service: str) -> dict[str, Path]:
+        out = {}
+        for volume in compose["services"][service]["volumes"]:
+            source, target = volume.split(":")[:2]
+            if source.startswith("."):
+                out[target] = (DOCKER / source).resolve()
+        return out
+
+    prom = mounts("prometheus")
+    assert prom["/etc/prometheus/prometheus.yml"] == PROM_DIR / "prometheus.yml"
+    assert prom["/etc/prometheus/alerts.yml"] == PROM_DIR / "alerts.yml"
+    assert "--config.file=/etc/prometheus/prometheus.yml" in compose["services"]["prometheus"]["command"]
+
+    grafana = mounts("grafana")
+    assert grafana["/etc/grafana/provisioning"] == REPO / "dashboards" / "provisioning"
+    provider = yaml.safe_load((REPO / "dashboards/provisioning/dashboards/driftrec.yaml").read_text())["providers"][0]
+    assert grafana[provider["options"]["path"]] == REPO / "dashboards" / "grafana"
+
+
+def test_prometheus_scrapes_the_driftrec_services(compose):
+    config = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())
+    assert config["rule_files"] == ["alerts.yml"]
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert {"worker", "trainer", "scorer"} <= set(jobs)
+    services = compose["services"]
+
+    def targets(job: dict) -> list[str]:
+        out = [t for sc in job.get("static_configs", []) for t in sc["targets"]]
+        out += [f"{n}:{sd['port']}" for sd in job.get("dns_sd_configs", []) for n in sd["names"]]
+        return out
+
+    for job_name, port_key in (("worker", "DRIFTREC_METRICS__PORT"), ("trainer", "DRIFTREC_METRICS__PORT"),
+                               ("scorer", "DRIFTREC_SCORER__PORT")):
+        [target] = targets(jobs[job_name])
+        host, port = target.rsplit(":", 1)
+        assert host == job_name and host in services
+        assert port == _env(services[job_name])[port_key], f"{job_name}: scrape port != {port_key}"
+
+
+def test_alert_rules_cover_the_brief():
+    rules = yaml.safe_load((PROM_DIR / "alerts.yml").read_text())
+    alerts = {r["alert"]: r for g in rules["groups"] for r in g["rules"]}
+    freshness = alerts["DriftrecFeatureFreshnessSLOBreach"]
+    assert "driftrec_feature_freshness_seconds_bucket" in freshness["expr"] and "0.25" in freshness["expr"]
+    assert freshness["for"] == "5m"
+    assert "driftrec_consumer_lag_messages" in alerts["DriftrecConsumerLagGrowing"]["expr"]
+    assert "driftrec_recommendation_fallbacks_total" in alerts["DriftrecFallbackRateHigh"]["expr"]
+    assert alerts["DriftrecScorerDown"]["expr"].replace(" ", "") == 'up{job="scorer"}==0'
+    assert "driftrec_rollbacks_total" in alerts["DriftrecAdapterRollback"]["expr"]
+    for name, rule in alerts.items():
+        assert rule["labels"]["severity"] in {"page", "warning"}, name
+        assert rule["annotations"]["summary"], name
+
+
+def test_dockerfiles():
+    pin = _torch_pin()
+    cpu = (DOCKER / "Dockerfile").read_text()
+    gpu = (DOCKER / "Dockerfile.gpu").read_text()
+    [cpu_from] = re.findall(r"^FROM\s+(\S+)", cpu, re.M)
+    assert cpu_from.startswith("python:3.11-slim")
+    assert f"ARG TORCH_VERSION={pin}" in cpu and "download.pytorch.org/whl/cpu" in cpu
+    assert f"ARG TORCH_VERSION={pin}" in gpu
+    base = re.search(r"^ARG CUDA_IMAGE=(\S+)", gpu, re.M).group(1)
+    assert base.startswith(("nvidia/cuda:", "pytorch/pytorch:")) and "runtime" in base
+    assert "python3.11" in gpu
+    for text in (cpu, gpu):
+        for line in re.findall(r"^COPY\s+(.+)$", text, re.M):
+            sources = [s for s in line.split()[:-1] if not s.startswith("--")]
+            for s in sources:
+                if not s.endswith("*"):
+                    assert (REPO / s.rstrip("/")).exists(), f"COPY {s}: missing in the build context"
+        assert "USER driftrec" in text
+    for ignore in ("Dockerfile.dockerignore", "Dockerfile.gpu.dockerignore"):
+        assert (DOCKER / ignore).is_file()
+
+
+# --------------------------------------------------------------------------------- promtool
+
+needs_promtool = pytest.mark.skipif(
+    promtool_binary() is None, reason="promtool not installed (apt-get install prometheus); .ci/run installs it"
+)
+
+
+def _promtool(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([promtool_binary(), *args], cwd=PROM_DIR, capture_output=True, text=True, timeout=120)
+
+
+@needs_promtool
+def test_promtool_check_config():
+    result = _promtool("check", "config", "prometheus.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@needs_promtool
+def test_promtool_check_rules():
+    result = _promtool("check", "rules", "alerts.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@needs_promtool
+def test_promtool_alert_unit_tests():
+    result = _promtool("test", "rules", "alerts_test.yml")
+    assert result.returncode == 0, result.stdout + result.stderr

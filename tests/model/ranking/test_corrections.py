@@ -1,0 +1,122 @@
+"""Correctors: the seam's contract (every implementation), online learning and drift detection."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from driftrec.model.ranking.corrections import ALL_CORRECTORS, Corrector, DriftEvent, DriftMonitor, LinearBlendCorrector, RiverCorrector
+
+
+def make(cls) -> Corrector:
+    if cls is LinearBlendCorrector:
+        return cls({"a": 1.0, "b": -0.5}, min_updates=50)
+    return cls(min_updates=50)
+
+
+def planted(n: int, seed: int = 0, flip: bool = False):
+    rng = random.Random(seed)
+    for _ in range(n):
+        x = {"a": rng.gauss(0, 1), "b": rng.gauss(0, 1), "noise": rng.gauss(0, 1)}
+        y = 1.0 if x["a"] - 0.5 * x["b"] + rng.gauss(0, 0.3) > 0 else 0.0
+        yield x, (1.0 - y if flip else y)
+
+
+@pytest.mark.parametrize("cls", ALL_CORRECTORS, ids=lambda c: c.__name__)
+class TestContract:
+    def test_is_a_corrector(self, cls):
+        assert issubclass(cls, Corrector)
+
+    def test_predict_before_learning(self, cls):
+        p = make(cls).predict_one({"a": 1.0, "b": 2.0})
+        assert isinstance(p, float) and 0.0 <= p <= 1.0
+
+    def test_learn_one_returns_error_and_counts(self, cls):
+        c = make(cls)
+        for x, y in planted(20):
+            err = c.learn_one(x, y)
+            assert 0.0 <= err <= 1.0
+        assert c.n_learned == 20
+        assert c.drift_count == 0 and c.drift_detected is False
+
+    def test_predict_many_matches_predict_one(self, cls):
+        c = make(cls)
+        for x, y in planted(300):
+            c.learn_one(x, y)
+        names = ["a", "b", "noise"]
+        X = np.random.default_rng(1).normal(size=(25, 3))
+        many = c.predict_many(X, names)
+        one = [c.predict_one(dict(zip(names, map(float, row)))) for row in X]
+        assert many.shape == (25,)
+        np.testing.assert_allclose(many, one, rtol=1e-6, atol=1e-9)
+
+    def test_on_drift_hook_called_by_its_monitor(self, cls):
+        c = make(cls)
+        seen: list[DriftEvent] = []
+        c.on_drift(seen.append)
+        for e in [0.0] * 1000 + [1.0] * 300:
+            c.monitor.update(e)
+        assert seen and c.drift_count == len(seen) >= 1
+        assert seen[0].name == c.name and seen[0].update > 1000
+
+
+def test_river_corrector_learns_planted_signal():
+    c = RiverCorrector(min_updates=10**9)
+    errors = [c.learn_one(x, y) for x, y in planted(3000)]
+    early, late = np.mean(errors[:200]), np.mean(errors[-500:])
+    assert late < early - 0.15
+    # the planted weights' signs are recovered, the noise feature stays small
+    w = c.weights()
+    assert w["a"] > 0 > w["b"] and abs(w["noise"]) < 0.5 * abs(w["a"])
+
+
+def test_drift_monitor_fires_on_abrupt_change_only_after_warm_up():
+    rng = np.random.default_rng(0)
+    stationary = DriftMonitor(min_updates=500)
+    for e in rng.binomial(1, 0.2, 4000):
+        stationary.update(float(e))
+    assert stationary.drift_count == 0
+
+    changing = DriftMonitor(min_updates=500)
+    fired_at = []
+    changing.on_drift(lambda ev: fired_at.append(ev.update))
+    for e in rng.binomial(1, 0.1, 2000):
+        changing.update(float(e))
+    assert changing.drift_count == 0
+    for e in rng.binomial(1, 0.7, 1000):
+        changing.update(float(e))
+    assert changing.drift_count >= 1
+    assert fired_at and 2000 < fired_at[0] < 2300
+
+
+def test_drift_ignored_during_warm_up():
+    mon = DriftMonitor(min_updates=10_000)
+    for e in [0.0] * 300 + [1.0] * 300:
+        mon.update(e)
+    assert mon.drift_count == 0 and not mon.drift_detected
+
+
+def test_corrector_drift_on_concept_flip_calls_callbacks():
+    c = RiverCorrector(min_updates=500)
+    events: list[DriftEvent] = []
+    c.on_drift(events.append)
+    for x, y in planted(2000, seed=1):
+        c.learn_one(x, y)
+    assert c.drift_count == 0
+    for x, y in planted(1000, seed=2, flip=True):
+        c.learn_one(x, y)
+    assert c.drift_count >= 1 and events and events[0].name == "river"
+
+
+def test_failing_callback_does_not_break_learning():
+    mon = DriftMonitor(min_updates=0)
+
+    def boom(ev):
+        raise RuntimeError("listener bug")
+
+    mon.on_drift(boom)
+    for e in [0.0] * 1000 + [1.0] * 500:
+        mon.update(e)
+    assert mon.drift_count >= 1
