@@ -38,7 +38,8 @@ _DELIVERY_CHILD = r'''
 import asyncio, json, os, sys, time, uuid
 sys.path.insert(0, {root!r})
 import faust
-from driftrec.core.broker import EmbeddedBroker, patch_faust_for_tansu
+from driftrec.core.broker import EmbeddedBroker
+from driftrec.streams.faust_patches import apply_tansu
 from driftrec.streams.batching import BatchingTransport, batch_agent
 
 N, MODE = {n}, {mode!r}
@@ -63,7 +64,7 @@ async def topic():
     a = AIOKafkaAdminClient(bootstrap_servers=b.bootstrap_servers); await a.start()
     await a.create_topics([NewTopic("src", 4, 1)]); await a.close()
 asyncio.run(topic()); asyncio.run(produce(b.bootstrap_servers))
-patch_faust_for_tansu()
+apply_tansu()
 app = (App if MODE == "batching" else faust.App)("probe-" + uuid.uuid4().hex[:6], broker=f"kafka://{{b.bootstrap_servers}}",
        store="memory://", web_enabled=False, broker_session_timeout=10, broker_heartbeat_interval=3, topic_partitions=4,
        consumer_auto_offset_reset="earliest", autodiscover=False, broker_max_poll_records=5000)

@@ -1,4 +1,4 @@
-"""The scorer seam: what the rest of driftrec may ask of a scorer.
+"""The model's seams, one abstract base each: :class:`Scorer`, :class:`CandidateSource`, :class:`Corrector`.
 
 A scorer turns a user context (who, what they did recently, optional free text) and a list of candidate
 item ids into one score per candidate, and says which model and adapter produced the scores. The
@@ -11,7 +11,13 @@ from __future__ import annotations
 import asyncio
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from driftrec.model.drift import DriftEvent, DriftMonitor
+
+Features = Mapping[str, float]
 
 
 @dataclass(frozen=True)
@@ -99,3 +105,159 @@ class Scorer(ABC):
         """:meth:`score` off the event loop (default: the loop's default executor)."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(None, self.score, context, item_ids)
+
+
+# --------------------------------------------------------------------------- candidate source
+
+
+class CandidateSource(ABC):
+    """An online candidate generator/scorer over a growing item catalogue."""
+
+    #: short name used in reports and as a feature name
+    name: str = "source"
+
+    def __init__(self, item_ids: Iterable[str] = ()) -> None:
+        self._ids: list[str] = []
+        self._index: dict[str, int] = {}
+        self._history: dict[str, list[int]] = {}
+        self._seen: dict[str, set[int]] = {}
+        self._last_ts: float | None = None
+        for item in item_ids:
+            self.add_item(item)
+
+    # ---------------------------------------------------------------------------- catalogue
+
+    @property
+    def item_ids(self) -> list[str]:
+        return list(self._ids)
+
+    @property
+    def n_items(self) -> int:
+        return len(self._ids)
+
+    def index_of(self, item: str) -> int:
+        return self._index[item]
+
+    def add_item(self, item: str) -> int:
+        """Make ``item`` known (idempotent); returns its index."""
+        idx = self._index.get(item)
+        if idx is None:
+            idx = len(self._ids)
+            self._ids.append(item)
+            self._index[item] = idx
+            self._grow(len(self._ids))
+        return idx
+
+    def _grow(self, n: int) -> None:
+        """Hook: make per-item state hold at least ``n`` items."""
+
+    # ------------------------------------------------------------------------------- users
+
+    def history(self, user: str) -> list[str]:
+        """Items the user interacted with, oldest first."""
+        return [self._ids[i] for i in self._history.get(user, ())]
+
+    def seen(self, user: str) -> set[str]:
+        return {self._ids[i] for i in self._seen.get(user, ())}
+
+    def seen_mask(self, user: str) -> np.ndarray:
+        mask = np.zeros(self.n_items, dtype=bool)
+        seen = self._seen.get(user)
+        if seen:
+            mask[list(seen)] = True
+        return mask
+
+    # ---------------------------------------------------------------------------- learning
+
+    def learn_one(self, user: str, item: str, rating: float | None = None, ts: float | None = None) -> None:
+        """Learn one interaction (a rating, or a click with ``rating=None``)."""
+        idx = self.add_item(item)
+        if ts is not None:
+            self._last_ts = ts if self._last_ts is None else max(self._last_ts, ts)
+        self._learn(user, idx, rating, ts)
+        self._history.setdefault(user, []).append(idx)
+        self._seen.setdefault(user, set()).add(idx)
+
+    @abstractmethod
+    def _learn(self, user: str, idx: int, rating: float | None, ts: float | None) -> None:
+        """Update the model with one interaction; the user's history does not hold it yet."""
+
+    # ----------------------------------------------------------------------------- scoring
+
+    @abstractmethod
+    def score_all(self, user: str, ts: float | None = None) -> np.ndarray:
+        """A score for every known item (aligned with :attr:`item_ids`), higher = better."""
+
+    def score_many(self, user: str, items: Sequence[str], ts: float | None = None) -> list[float]:
+        scores = self.score_all(user, ts)
+        return [float(scores[self._index[i]]) if i in self._index else 0.0 for i in items]
+
+    def candidates(
+        self, user: str, n: int = 10, exclude: Iterable[str] = (), ts: float | None = None
+    ) -> list[tuple[str, float]]:
+        """The ``n`` best items the user has not interacted with (and not in ``exclude``), best first.
+
+        Ties are broken by item index (catalogue order), so the answer is deterministic.
+        """
+        if n <= 0 or not self._ids:
+            return []
+        scores = np.asarray(self.score_all(user, ts), dtype=np.float64).copy()
+        mask = self.seen_mask(user)
+        for item in exclude:
+            idx = self._index.get(item)
+            if idx is not None:
+                mask[idx] = True
+        scores[mask] = -np.inf
+        allowed = int((~mask).sum())
+        n = min(n, allowed)
+        if n == 0:
+            return []
+        order = np.lexsort((np.arange(len(scores)), -scores))[:n]
+        return [(self._ids[i], float(scores[i])) for i in order]
+
+
+# --------------------------------------------------------------------------------- corrector
+
+
+class Corrector(ABC):
+    """Online model from a feature dict to a ranking score (higher = better)."""
+
+    name: str = "corrector"
+
+    def __init__(self, *, drift_detector=None, min_updates: int = 500) -> None:
+        self.monitor = DriftMonitor(drift_detector, min_updates=min_updates, name=self.name)
+        self.n_learned = 0
+
+    # ------------------------------------------------------------------------------- model
+
+    @abstractmethod
+    def predict_one(self, x: Features) -> float:
+        """The score for one example (a probability-like value in [0, 1] for the River model)."""
+
+    @abstractmethod
+    def _learn_one(self, x: Features, y: float) -> None: ...
+
+    def learn_one(self, x: Features, y: float) -> float:
+        """Learn one labelled example; returns the error (|y - prediction| before learning)."""
+        err = abs(float(y) - float(self.predict_one(x)))
+        self._learn_one(x, y)
+        self.n_learned += 1
+        self.monitor.update(err)
+        return err
+
+    def predict_many(self, X: np.ndarray, names: Sequence[str]) -> np.ndarray:
+        """Scores for the rows of ``X`` (columns named ``names``); override for speed."""
+        return np.asarray([self.predict_one(dict(zip(names, map(float, row)))) for row in X])
+
+    # ------------------------------------------------------------------------------- drift
+
+    @property
+    def drift_detected(self) -> bool:
+        return self.monitor.drift_detected
+
+    @property
+    def drift_count(self) -> int:
+        return self.monitor.drift_count
+
+    def on_drift(self, callback: Callable[[DriftEvent], None]) -> None:
+        self.monitor.on_drift(callback)

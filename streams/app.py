@@ -16,9 +16,9 @@ from pathlib import Path
 
 import faust
 
-from driftrec.core.broker import is_tansu, patch_faust_for_tansu, session_timeouts
+from driftrec.core.broker import is_tansu, session_timeouts
 from driftrec.core.settings import Settings
-from driftrec.streams import faust_patches as faust_fixes
+from driftrec.streams import faust_patches
 from driftrec.streams.batching import BatchingTransport
 from driftrec.core.followers import CatalogueFollower, TopicFollower
 from driftrec.streams.pipeline import Pipeline
@@ -72,9 +72,9 @@ def follow(app: faust.App, follower: TopicFollower) -> TopicFollower:
 
 
 def create_app(settings: Settings, bootstrap_servers: str, *, agents: tuple[str, ...] = AGENT_MODULES) -> DriftrecApp:
-    faust_fixes.apply()  # at-least-once needs a producer flush that really flushes (see the module)
+    faust_patches.apply()  # at-least-once needs a producer flush that really flushes (see the module)
     if is_tansu(settings):
-        patch_faust_for_tansu()
+        faust_patches.apply_tansu()
     session_timeout, heartbeat = session_timeouts(settings)
     s = settings.stream
     data_dir = Path(s.data_dir)

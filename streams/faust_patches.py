@@ -1,36 +1,69 @@
-"""Fixes to faust-streaming 0.15.3 that at-least-once delivery depends on (applied by ``create_app``).
+"""Every change driftrec makes to Faust's own behaviour, in one place.
 
-**Producer buffer flush returns before the buffer is sent.** Table writes (``table[key] = value``)
-put their changelog messages into Faust's ``ProducerBuffer``; a background task takes them one by
-one and hands them to the Kafka producer. Before committing offsets Faust calls
-``producer.flush()``, which is ``buffer.flush()`` then the Kafka producer's flush. But
-``ProducerBuffer.flush`` (1) gives up and returns after 0.1 s without a message being sent, however
-many are still queued, and (2) looks only at the queue, not at the message the background task has
-already taken and is still handing over. Either way the offsets of a batch can be committed while
-some of its changelog messages are not yet with the Kafka producer; a crash at that moment loses
-those table updates for good (the restarted worker recovers the table from the changelog and
-resumes after the committed offsets). Seen here as a restarted worker ending a few clicks short of
-the ground truth after a SIGKILL.
+Each patch names the faust-streaming version it was written against (:data:`FAUST_VERSION`; a
+different installed version logs a warning at :func:`apply`, since the patched internals may have
+moved) and why it is needed. Subclasses of Faust's classes (the batching transport in
+:mod:`driftrec.streams.batching`, the changelog writer in :mod:`driftrec.streams.changelog`) are
+extensions, not patches, and live with their role.
 
-The fix counts the message in hand and makes ``flush`` wait until the queue is empty *and* no
-message is in hand, with no give-up timeout (a commit must not go ahead of its data; if the broker
-is away, the commit waits with it).
+1. **Producer buffer flush returns before the buffer is sent** (:func:`apply`, always). Table writes (``table[key] = value``)
+   put their changelog messages into Faust's ``ProducerBuffer``; a background task takes them one by
+   one and hands them to the Kafka producer. Before committing offsets Faust calls
+   ``producer.flush()``, which is ``buffer.flush()`` then the Kafka producer's flush. But
+   ``ProducerBuffer.flush`` (1) gives up and returns after 0.1 s without a message being sent, however
+   many are still queued, and (2) looks only at the queue, not at the message the background task has
+   already taken and is still handing over. Either way the offsets of a batch can be committed while
+   some of its changelog messages are not yet with the Kafka producer; a crash at that moment loses
+   those table updates for good (the restarted worker recovers the table from the changelog and
+   resumes after the committed offsets). Seen here as a restarted worker ending a few clicks short of
+   the ground truth after a SIGKILL.
+
+   The fix counts the message in hand and makes ``flush`` wait until the queue is empty *and* no
+   message is in hand, with no give-up timeout (a commit must not go ahead of its data; if the broker
+   is away, the commit waits with it).
+
+2. **Tansu's end offsets and fetch wait** (:func:`apply_tansu`, only against the embedded broker).
+   Tansu answers ListOffsets(latest) with a stale end offset (the platform notes, and
+   :func:`driftrec.core.broker.true_end_offsets`), so Faust's table recovery reads the true high
+   watermarks from a fetch instead; and Tansu answers a waiting fetch only when its max wait runs
+   out, while Faust hard-codes 1,500 ms, so every hop through a worker would wait that long: the
+   wait is capped at :data:`TANSU_FETCH_WAIT_MS` for Faust's consumers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from importlib import metadata
+
+from driftrec.core.broker import true_end_offsets
+
+log = logging.getLogger(__name__)
+
+#: The faust-streaming release these patches were written and tested against.
+FAUST_VERSION = "0.15.3"
 
 _applied = False
 #: Faust's own ``ProducerBuffer.flush`` (kept for the regression test that shows the race).
 original_flush = None
 
 
+def _check_version() -> None:
+    try:
+        installed = metadata.version("faust-streaming")
+    except metadata.PackageNotFoundError:  # pragma: no cover - Faust imported from a checkout
+        return
+    if installed != FAUST_VERSION:
+        log.warning("faust-streaming %s is installed; driftrec's Faust patches target %s - check them "
+                    "(driftrec.streams.faust_patches)", installed, FAUST_VERSION)
+
+
 def apply() -> None:
-    """Patch Faust's ``ProducerBuffer`` (idempotent)."""
+    """Patch Faust's ``ProducerBuffer`` (patch 1; idempotent)."""
     global _applied, original_flush
     if _applied:
         return
+    _check_version()
     from faust.transport.producer import ProducerBuffer
 
     original_flush = ProducerBuffer.flush
@@ -62,3 +95,41 @@ def apply() -> None:
     ProducerBuffer._send_pending = _send_pending
     ProducerBuffer.flush = flush
     _applied = True
+
+
+_patched = False
+TANSU_FETCH_WAIT_MS = 20
+
+
+def apply_tansu() -> None:
+    """Patch 2: true end offsets for table recovery and a short fetch wait (idempotent)."""
+    global _patched
+    if _patched:
+        return
+    from faust.transport.drivers import aiokafka as faust_aiokafka
+
+    thread_cls = faust_aiokafka.AIOKafkaConsumerThread
+
+    async def _highwaters(self, partitions):
+        consumer = self._ensure_consumer()
+        if self.consumer.in_transaction:
+            return {tp: consumer.last_stable_offset(tp) for tp in partitions}
+        return await true_end_offsets(consumer, partitions)
+
+    thread_cls._highwaters = _highwaters
+
+    # the fetch wait, capped for Faust's consumers (see the module)
+    import types
+
+    import aiokafka
+
+    class _ShortWaitConsumer(aiokafka.AIOKafkaConsumer):
+        def __init__(self, *args, **kwargs):
+            kwargs["fetch_max_wait_ms"] = min(int(kwargs.get("fetch_max_wait_ms", 500)), TANSU_FETCH_WAIT_MS)
+            super().__init__(*args, **kwargs)
+
+    shim = types.ModuleType("aiokafka")
+    shim.__dict__.update(vars(aiokafka))
+    shim.AIOKafkaConsumer = _ShortWaitConsumer
+    faust_aiokafka.aiokafka = shim
+    _patched = True

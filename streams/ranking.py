@@ -172,7 +172,7 @@ class LoopRanker(Ranker):
         from driftrec.core import metrics
 
         metrics.DRIFT_DETECTIONS.labels(domain="default", detector="adwin").inc()
-        log.warning("drift in the correction error after %d updates (#%d)", event.updates, event.count)
+        log.warning("drift in the correction error after %d updates (#%d)", event.update, event.count)
 
     # -- ranking --------------------------------------------------------------------------------
     def reader(self):

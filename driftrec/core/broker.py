@@ -12,7 +12,7 @@ Tansu quirks handled here (see docs/platform notes):
 
 * ``ListOffsets(LATEST)`` can be short when the last batch holds several records; the true end
   offset is read from a fetch response's high watermark (:func:`true_end_offsets`), and Faust's
-  table recovery is patched to use it (:func:`patch_faust_for_tansu`).
+  table recovery is patched to use it (:func:`driftrec.streams.faust_patches.apply_tansu`).
 * JoinGroup answers after about half the session timeout: embedded mode uses short timeouts
   (:func:`session_timeouts`).
 * No idempotent producer (``InitProducerId`` v0 fails): producers use ``acks=all`` without
@@ -299,42 +299,3 @@ async def true_end_offsets(consumer, partitions) -> dict:
         return result
     finally:
         await probe.stop()
-
-
-_patched = False
-TANSU_FETCH_WAIT_MS = 20
-
-
-def patch_faust_for_tansu() -> None:
-    """Make Faust's table recovery read true end offsets (idempotent)."""
-    global _patched
-    if _patched:
-        return
-    from faust.transport.drivers import aiokafka as faust_aiokafka
-
-    thread_cls = faust_aiokafka.AIOKafkaConsumerThread
-
-    async def _highwaters(self, partitions):
-        consumer = self._ensure_consumer()
-        if self.consumer.in_transaction:
-            return {tp: consumer.last_stable_offset(tp) for tp in partitions}
-        return await true_end_offsets(consumer, partitions)
-
-    thread_cls._highwaters = _highwaters
-
-    # Tansu answers a waiting fetch only when its max wait runs out, and Faust hard-codes 1,500 ms:
-    # every hop through a worker would wait that long. Cap the wait for Faust's consumers.
-    import types
-
-    import aiokafka
-
-    class _ShortWaitConsumer(aiokafka.AIOKafkaConsumer):
-        def __init__(self, *args, **kwargs):
-            kwargs["fetch_max_wait_ms"] = min(int(kwargs.get("fetch_max_wait_ms", 500)), TANSU_FETCH_WAIT_MS)
-            super().__init__(*args, **kwargs)
-
-    shim = types.ModuleType("aiokafka")
-    shim.__dict__.update(vars(aiokafka))
-    shim.AIOKafkaConsumer = _ShortWaitConsumer
-    faust_aiokafka.aiokafka = shim
-    _patched = True

@@ -14,7 +14,7 @@ from typing import Iterable
 
 import numpy as np
 
-from driftrec.model.ranking.sources import CandidateSource
+from driftrec.model.base import CandidateSource
 from driftrec.model.knowledge.graph import KnowledgeGraph
 
 

@@ -18,112 +18,17 @@ from __future__ import annotations
 
 import logging
 import math
-from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 
+from driftrec.model.base import Corrector, Features
+from driftrec.model.drift import DriftEvent, DriftMonitor
+
+__all__ = ["ALL_CORRECTORS", "Corrector", "DriftEvent", "DriftMonitor", "LinearBlendCorrector", "RiverCorrector",
+           "default_river_model"]
+
 log = logging.getLogger(__name__)
-
-Features = Mapping[str, float]
-
-
-@dataclass(frozen=True)
-class DriftEvent:
-    """A drift detection: which monitor, after how many updates, and the recent mean error."""
-
-    name: str
-    update: int
-    count: int
-    error_mean: float
-
-
-class DriftMonitor:
-    """A River drift detector on an error stream, ignoring detections during warm-up."""
-
-    def __init__(self, detector=None, *, min_updates: int = 500, name: str = "corrector") -> None:
-        if detector is None:
-            from river import drift
-
-            detector = drift.ADWIN(delta=0.002)
-        self.detector = detector
-        self.min_updates = int(min_updates)
-        self.name = name
-        self.updates = 0
-        self.drift_count = 0
-        self.drift_detected = False
-        self.last_drift_at: int | None = None
-        self._callbacks: list[Callable[[DriftEvent], None]] = []
-        self._err_sum = 0.0
-        self._err_n = 0
-
-    def on_drift(self, callback: Callable[[DriftEvent], None]) -> None:
-        self._callbacks.append(callback)
-
-    def update(self, error: float) -> bool:
-        self.updates += 1
-        self._err_sum += error
-        self._err_n += 1
-        self.detector.update(float(error))
-        fired = bool(self.detector.drift_detected) and self.updates >= self.min_updates
-        self.drift_detected = fired
-        if fired:
-            self.drift_count += 1
-            self.last_drift_at = self.updates
-            event = DriftEvent(self.name, self.updates, self.drift_count, self._err_sum / max(self._err_n, 1))
-            self._err_sum, self._err_n = 0.0, 0
-            log.info("drift detected by %s after %d updates (#%d)", self.name, self.updates, self.drift_count)
-            for cb in list(self._callbacks):
-                try:
-                    cb(event)
-                except Exception:  # a failing listener must not break learning
-                    log.exception("drift callback failed")
-        return fired
-
-
-class Corrector(ABC):
-    """Online model from a feature dict to a ranking score (higher = better)."""
-
-    name: str = "corrector"
-
-    def __init__(self, *, drift_detector=None, min_updates: int = 500) -> None:
-        self.monitor = DriftMonitor(drift_detector, min_updates=min_updates, name=self.name)
-        self.n_learned = 0
-
-    # ------------------------------------------------------------------------------- model
-
-    @abstractmethod
-    def predict_one(self, x: Features) -> float:
-        """The score for one example (a probability-like value in [0, 1] for the River model)."""
-
-    @abstractmethod
-    def _learn_one(self, x: Features, y: float) -> None: ...
-
-    def learn_one(self, x: Features, y: float) -> float:
-        """Learn one labelled example; returns the error (|y - prediction| before learning)."""
-        err = abs(float(y) - float(self.predict_one(x)))
-        self._learn_one(x, y)
-        self.n_learned += 1
-        self.monitor.update(err)
-        return err
-
-    def predict_many(self, X: np.ndarray, names: Sequence[str]) -> np.ndarray:
-        """Scores for the rows of ``X`` (columns named ``names``); override for speed."""
-        return np.asarray([self.predict_one(dict(zip(names, map(float, row)))) for row in X])
-
-    # ------------------------------------------------------------------------------- drift
-
-    @property
-    def drift_detected(self) -> bool:
-        return self.monitor.drift_detected
-
-    @property
-    def drift_count(self) -> int:
-        return self.monitor.drift_count
-
-    def on_drift(self, callback: Callable[[DriftEvent], None]) -> None:
-        self.monitor.on_drift(callback)
 
 
 def default_river_model(learning_rate: float = 0.02, l2: float = 1e-5):

@@ -242,7 +242,7 @@ class OnlineMonitor:
 
     def __init__(self, window: int = 200, *, k: int = K, detector=None, min_updates: int = 50,
                  max_age_s: float = 3600.0) -> None:
-        from driftrec.model.ranking.corrections import DriftMonitor
+        from driftrec.model.drift import DriftMonitor
 
         self.window = int(window)
         self.k = int(k)

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 from faust.transport.producer import ProducerBuffer
 
-from driftrec.streams import faust_patches as faust_fixes
+from driftrec.streams import faust_patches as faust_fixes  # noqa: N813
 
 faust_fixes.apply()
 
