@@ -16,6 +16,7 @@ from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping
 
 from driftrec.core.contracts import Item, new_event_id, now
+from driftrec.core.validation import MAX_ID_LEN
 
 
 @dataclass(frozen=True)
@@ -42,8 +43,8 @@ def item_from_dict(data: Mapping[str, Any], default_domain: str = "default") -> 
         raise ValueError("an item must be a JSON object")
     item_id = data.get("item_id")
     title = data.get("title")
-    if not isinstance(item_id, str) or not item_id or len(item_id) > 256:
-        raise ValueError("item.item_id must be a non-empty string (at most 256 chars)")
+    if not isinstance(item_id, str) or not item_id or len(item_id) > MAX_ID_LEN:
+        raise ValueError(f"item.item_id must be a non-empty string (at most {MAX_ID_LEN} chars)")
     if not isinstance(title, str) or not title:
         raise ValueError(f"item {item_id!r}: title must be a non-empty string")
     genres = data.get("genres") or []

@@ -72,14 +72,36 @@ def follow(app: faust.App, follower: TopicFollower) -> TopicFollower:
 
 
 def create_app(settings: Settings, bootstrap_servers: str, *, agents: tuple[str, ...] = AGENT_MODULES) -> DriftrecApp:
+    """The worker's Faust app: patched Faust, the app itself, the agents and followers, metrics and the
+    lifecycle hooks (consumer lag, start-up heap freeze, event-loop lag)."""
+    _apply_faust_patches(settings)
+    app = _build_faust_app(settings, bootstrap_servers)
+    _attach_app_state(app, settings, bootstrap_servers)
+    _register_agents(app, agents)
+    inputs = _input_topics(settings)
+    _prime_metrics(settings, inputs)
+    _add_consumer_lag_timer(app, inputs)
+    _add_startup_heap_freeze(app)
+    _add_loop_lag_timer(app)
+    log.info("driftrec app %s: pipeline stages %s", settings.stream.app_id, app.pipeline.stage_names)
+    return app
+
+
+def _apply_faust_patches(settings: Settings) -> None:
+    """Apply driftrec's Faust patches, and the Tansu ones when the broker is Tansu."""
     faust_patches.apply()  # at-least-once needs a producer flush that really flushes (see the module)
     if is_tansu(settings):
         faust_patches.apply_tansu()
+
+
+def _build_faust_app(settings: Settings, bootstrap_servers: str) -> DriftrecApp:
+    """The :class:`DriftrecApp` with the broker-appropriate timeouts, at-least-once delivery settings and
+    the table store in ``settings.stream.data_dir`` (created if missing)."""
     session_timeout, heartbeat = session_timeouts(settings)
     s = settings.stream
     data_dir = Path(s.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
-    app = DriftrecApp(
+    return DriftrecApp(
         s.app_id,
         broker=[f"kafka://{hp}" for hp in bootstrap_servers.split(",")],
         store="rocksdb://" if s.table_store == "rocksdb" else "memory://",
@@ -105,20 +127,43 @@ def create_app(settings: Settings, bootstrap_servers: str, *, agents: tuple[str,
         table_standby_replicas=0,
         logging_config=None,
     )
+
+
+def _attach_app_state(app: DriftrecApp, settings: Settings, bootstrap_servers: str) -> None:
+    """What the agents find on the app: the settings, the broker address, the (empty) pipeline and the
+    catalogue follower (run as a task of the app)."""
     app.settings = settings
     app.bootstrap_servers = bootstrap_servers
     app.pipeline = Pipeline()
     app.catalogue = follow(app, CatalogueFollower(settings, bootstrap_servers))
+
+
+def _register_agents(app: DriftrecApp, agents: tuple[str, ...]) -> None:
+    """Call ``register(app)`` of each agent module, in order (``DRIFTREC_AGENTS``, comma-separated,
+    replaces ``agents``: a development aid to run a subset)."""
     if os.environ.get("DRIFTREC_AGENTS"):  # development aid: a subset of agents
         agents = tuple(os.environ["DRIFTREC_AGENTS"].split(","))
     for name in agents:
         module = __import__(name, fromlist=["register"])
         module.register(app)
+
+
+def _input_topics(settings: Settings) -> list[str]:
+    """The topics the worker consumes (the consumer lag is exported for these)."""
+    return [settings.topics.clicks.name, settings.topics.ratings.name, settings.topics.items.name,
+            settings.topics.requests.name]
+
+
+def _prime_metrics(settings: Settings, inputs: list[str]) -> None:
+    """Create the metrics' fixed label sets (this domain, the input topics) at 0 before the first event."""
     from driftrec.core import metrics
 
-    inputs = [settings.topics.clicks.name, settings.topics.ratings.name, settings.topics.items.name,
-              settings.topics.requests.name]
     metrics.prime(domains=(settings.model.default_domain,), topics=inputs)
+
+
+def _add_consumer_lag_timer(app: DriftrecApp, inputs: list[str]) -> None:
+    """Every 5 s, export the consumer lag per input topic."""
+    from driftrec.core import metrics
 
     @app.timer(interval=5.0)
     async def export_consumer_lag() -> None:
@@ -132,6 +177,10 @@ def create_app(settings: Settings, bootstrap_servers: str, *, agents: tuple[str,
                 lag[tp.topic] += max(int(hw) - (int(read) + 1 if read is not None else 0), 0)
         for topic, value in lag.items():
             metrics.CONSUMER_LAG.labels(topic=topic).set(value)
+
+
+def _add_startup_heap_freeze(app: DriftrecApp) -> None:
+    """Once the worker is up, freeze its start-up heap out of the garbage collector's reach."""
 
     @app.task
     async def freeze_startup_heap() -> None:
@@ -150,6 +199,11 @@ def create_app(settings: Settings, bootstrap_servers: str, *, agents: tuple[str,
         gc.set_threshold(50_000, 20, 20)
         log.info("start-up heap frozen: %d objects outside the garbage collector", gc.get_freeze_count())
 
+
+def _add_loop_lag_timer(app: DriftrecApp) -> None:
+    """Every 0.25 s, measure how late the event loop runs."""
+    from driftrec.core import metrics
+
     @app.timer(interval=0.25)
     async def measure_loop_lag() -> None:
         """How late the event loop runs a 10 ms sleep: long steps (big batches, collections) stall everything."""
@@ -157,6 +211,3 @@ def create_app(settings: Settings, bootstrap_servers: str, *, agents: tuple[str,
         t0 = loop.time()
         await asyncio.sleep(0.01)
         metrics.EVENT_LOOP_LAG_SECONDS.observe(max(loop.time() - t0 - 0.01, 0.0))
-
-    log.info("driftrec app %s: pipeline stages %s", s.app_id, app.pipeline.stage_names)
-    return app

@@ -39,8 +39,8 @@ from typing import Callable, Iterable, NamedTuple, Sequence
 
 import orjson
 
-CLICK = "click"
-RATING = "rating"
+from driftrec.core.interactions import CLICK, RATING, Interaction
+
 GENRE_PROFILE_TOP = 5
 
 
@@ -49,19 +49,6 @@ class Verdict(enum.Enum):
     REDELIVERED = "redelivered"  # this record was applied before (offset at or below the entity's mark)
     DUPLICATE = "duplicate"      # same event id from another record: never applied twice
     LATE = "late"                # older than the dedupe memory reaches: skipped
-
-
-class Interaction(NamedTuple):
-    """A click or rating in the form the state needs (a tuple: built once per event)."""
-
-    event_id: str
-    event_time: float
-    user_id: str
-    item_id: str
-    kind: str  # CLICK | RATING
-    rating: float | None = None
-    source: str = ""  # source partition id, e.g. "c3" (clicks partition 3), "r3"
-    offset: int = -1
 
 
 def source_code(topic_code: str, partition: int) -> str:
@@ -123,7 +110,7 @@ class UserState:
             self.hw[ev.source] = ev.offset  # this record is handled, whatever the verdict
         if verdict is not Verdict.NEW:
             return verdict
-        if ev.kind == RATING:
+        if ev.rating is not None:  # ev.kind == RATING, without the property call
             self.rating_count += 1
             self.rating_sum += float(ev.rating)
         else:
@@ -276,12 +263,18 @@ class ItemDelta(NamedTuple):
 
     @classmethod
     def of(cls, ev: Interaction) -> "ItemDelta":
-        return cls(ev.item_id, ev.kind, ev.rating, ev.event_time, ev.source, ev.offset)
+        r = ev.rating
+        return cls(ev.item_id, CLICK if r is None else RATING, r, ev.event_time, ev.source, ev.offset)
 
 
 def forward_record(ev: Interaction) -> list:
-    """``ItemDelta.of(ev).to_list()`` without the intermediate tuple (the user stage's hot path)."""
-    return [ev.item_id, ev.kind, ev.rating, ev.event_time, ev.source, ev.offset]
+    """``ItemDelta.of(ev).to_list()`` without the intermediate tuple (the user stage's hot path).
+
+    The wire form is ``[item_id, kind, rating, event_time, source, offset]`` (:meth:`ItemDelta.from_list`);
+    ``kind`` is ``ev.kind``, spelled out here to spare the property call.
+    """
+    r = ev.rating
+    return [ev.item_id, CLICK if r is None else RATING, r, ev.event_time, ev.source, ev.offset]
 
 
 @dataclass

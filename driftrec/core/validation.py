@@ -24,7 +24,8 @@ from driftrec.core.contracts import (
     RecommendationRequest,
 )
 
-MAX_ID_LEN = 128
+# The limits of inbound values; the one source for every layer (the scorer's catalogue and HTTP API import them).
+MAX_ID_LEN = 128  # ids: event, user, item, recommendation, domain
 MAX_TEXT_LEN = 4096
 MAX_LIST_LEN = 64
 MAX_VECTOR_LEN = 4096

@@ -100,116 +100,184 @@ def recovery_events(series: list[dict], shift_at: int, level: float, frac: float
 
 
 def run_experiment(cfg: DriftExperimentConfig, *, adapter_dir: Path | None = None, progress: bool = False) -> dict[str, Any]:
+    """Run the drift experiment (see the module docstring) and return its result dict."""
     import torch
-
-    from driftrec.model.evaluation.world import World
-    from driftrec.model.training.gate import ItemMatrixCache, evaluate_model
-    from driftrec.model.training.examples import ExampleBuilder
-    from driftrec.model.training.worker import TrainingWorker
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    t_start = time.perf_counter()
-    tmp = None
-    if adapter_dir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="driftrec-exp-")
-        adapter_dir = Path(tmp.name)
-    settings = _settings(cfg, adapter_dir)
-    world = World(n_users=cfg.users, n_items=cfg.items, seed=cfg.seed, shift_at=cfg.shift_at, shift_kind=cfg.shift_kind)
-    events = list(world.events(cfg.shift_at + cfg.post_events))
-    worker = TrainingWorker(settings, items=world.items, seed=cfg.seed)
-    lookup = {it.item_id: it for it in world.items}.get
-    tracker = ExampleBuilder(lookup, history_items=cfg.history_items, hard_negatives=0)
+    run = _DriftRun(cfg, adapter_dir, progress=progress)
+    run.warm_up()
+    run.watch_drift()
+    for start in range(cfg.measure_start, len(run.events), cfg.block):
+        run.process_block(start)
+    out = run.result()
+    run.cleanup()
+    return out
 
-    # Histories before the warm-up window (no model work), then the warm-up run.
-    for e in events[: cfg.warmup_start]:
-        tracker.holdout_case(e)
-    t0 = time.perf_counter()
-    warm = worker.run_once(events[cfg.warmup_start: cfg.measure_start], trigger="warmup", max_steps=cfg.warmup_steps,
-                           context=events[max(0, cfg.warmup_start - cfg.context): cfg.warmup_start])
-    warmup_s = time.perf_counter() - t0
-    frozen_version = worker.serving_version
-    frozen_model = worker.serving_model(frozen_version)
-    if frozen_version != "base":  # keep a private copy: the worker's cache moves on
-        worker._serving_models = {}
-    log.info("warm-up: %s -> serving %s (%.1fs)", warm.outcome, frozen_version, warmup_s)
-    for e in events[cfg.warmup_start: cfg.measure_start]:
-        tracker.holdout_case(e)
 
-    drift = {"fired": 0, "pending": False}
-    if cfg.drift_trigger:
-        worker.monitor.on_drift(lambda ev: drift.update(fired=drift["fired"] + 1, pending=True))
-    items = world.items
-    frozen_cache = ItemMatrixCache(size=1)
-    serving_cache = ItemMatrixCache(size=2)
-    series: list[dict] = []
-    runs: list[dict] = []
-    since_run = 0
-    train_s = 0.0
-    for start in range(cfg.measure_start, len(events), cfg.block):
-        block = events[start: start + cfg.block]
+class _DriftRun:
+    """The state of one drift experiment: the world's events, the training worker (the ``updates`` arm),
+    the frozen warm-up adapter, the history tracker that turns events into test cases, and the series."""
+
+    def __init__(self, cfg: DriftExperimentConfig, adapter_dir: Path | None, *, progress: bool) -> None:
+        from driftrec.model.evaluation.world import World
+        from driftrec.model.training.examples import ExampleBuilder
+        from driftrec.model.training.gate import ItemMatrixCache
+        from driftrec.model.training.worker import TrainingWorker
+
+        self.cfg = cfg
+        self.progress = progress
+        self.t_start = time.perf_counter()
+        self.tmp = None
+        if adapter_dir is None:
+            self.tmp = tempfile.TemporaryDirectory(prefix="driftrec-exp-")
+            adapter_dir = Path(self.tmp.name)
+        self.settings = _settings(cfg, adapter_dir)
+        self.world = World(n_users=cfg.users, n_items=cfg.items, seed=cfg.seed, shift_at=cfg.shift_at,
+                           shift_kind=cfg.shift_kind)
+        self.events = list(self.world.events(cfg.shift_at + cfg.post_events))
+        self.worker = TrainingWorker(self.settings, items=self.world.items, seed=cfg.seed)
+        lookup = {it.item_id: it for it in self.world.items}.get
+        self.tracker = ExampleBuilder(lookup, history_items=cfg.history_items, hard_negatives=0)
+        self.drift = {"fired": 0, "pending": False}
+        self.frozen_cache = ItemMatrixCache(size=1)
+        self.serving_cache = ItemMatrixCache(size=2)
+        self.series: list[dict] = []
+        self.runs: list[dict] = []
+        self.since_run = 0
+        self.train_s = 0.0
+
+    # ----------------------------------------------------------------------------- warm-up
+
+    def warm_up(self) -> None:
+        """Fill the users' histories before the warm-up window (no model work), train the warm-up adapter
+        on ``[warmup_start, measure_start)``, keep it as the frozen arm, then add that window to the histories."""
+        cfg, events, worker = self.cfg, self.events, self.worker
+        self._track(events[: cfg.warmup_start])
+        t0 = time.perf_counter()
+        self.warm = worker.run_once(events[cfg.warmup_start: cfg.measure_start], trigger="warmup",
+                                    max_steps=cfg.warmup_steps,
+                                    context=events[max(0, cfg.warmup_start - cfg.context): cfg.warmup_start])
+        self.warmup_s = time.perf_counter() - t0
+        self.frozen_version = worker.serving_version
+        self.frozen_model = worker.serving_model(self.frozen_version)
+        if self.frozen_version != "base":  # keep a private copy: the worker's cache moves on
+            worker._serving_models = {}
+        log.info("warm-up: %s -> serving %s (%.1fs)", self.warm.outcome, self.frozen_version, self.warmup_s)
+        self._track(events[cfg.warmup_start: cfg.measure_start])
+
+    def _track(self, events: list) -> None:
+        """Add ``events`` to the users' histories without making test cases of them."""
+        for e in events:
+            self.tracker.holdout_case(e)
+
+    def watch_drift(self) -> None:
+        """With ``cfg.drift_trigger``: count the drift detector's detections and retrain after the next one."""
+        drift = self.drift
+        if self.cfg.drift_trigger:
+            self.worker.monitor.on_drift(lambda ev: drift.update(fired=drift["fired"] + 1, pending=True))
+
+    # ------------------------------------------------------------------------------ blocks
+
+    def process_block(self, start: int) -> None:
+        """One block, test-then-train: its test cases ranked by both arms, the drift detector fed, the
+        series extended, then a training run of the worker when one is due."""
+        block = self.events[start: start + self.cfg.block]
+        cases = self._test_cases(start, block)
+        serving, m_up, m_fr = self._evaluate_arms(cases)
+        self._feed_drift_monitor(serving, cases, m_up)
+        end = start + len(block)
+        self.series.append({"start": start, "end": end, "cases": len(cases), "serving_version": serving,
+                            "hr_updates": m_up["hr@10"], "ndcg_updates": m_up["ndcg@10"],
+                            "hr_frozen": m_fr["hr@10"], "ndcg_frozen": m_fr["ndcg@10"]})
+        trigger = self._maybe_retrain(end, len(block))
+        if self.progress:
+            p = self.series[-1]
+            print(f"[{end:>5}] cases={p['cases']:3d} HR@10 updates={p['hr_updates']:.3f} frozen={p['hr_frozen']:.3f} "
+                  f"serving={serving} {'run:' + self.runs[-1]['outcome'] if trigger else ''}", flush=True)
+
+    def _test_cases(self, start: int, block: list) -> list:
+        """The block's test cases: positives on items the user had not seen (all events join the histories)."""
         cases = []
         for n, e in enumerate(block):
-            c = tracker.holdout_case(e, start + n)
+            c = self.tracker.holdout_case(e, start + n)
             if c is not None:
                 cases.append(c)
+        return cases
+
+    def _evaluate_arms(self, cases: list) -> tuple[str, dict, dict]:
+        """The version serving now, and HR@10/NDCG@10 on ``cases`` of the serving (updates) and the frozen adapter."""
+        from driftrec.model.training.gate import evaluate_model
+
+        worker, max_length = self.worker, self.cfg.max_length
         serving = worker.serving_version
-        m_up = evaluate_model(worker.serving_model(), worker.tokenizer, items, cases, max_length=cfg.max_length,
-                              item_cache=serving_cache, cache_key=serving)
-        m_fr = evaluate_model(frozen_model, worker.tokenizer, items, cases, max_length=cfg.max_length,
-                              item_cache=frozen_cache, cache_key=frozen_version)
-        # Online signal for the drift detector: hits of the serving adapter on this block's cases.
+        m_up = evaluate_model(worker.serving_model(), worker.tokenizer, self.world.items, cases, max_length=max_length,
+                              item_cache=self.serving_cache, cache_key=serving)
+        m_fr = evaluate_model(self.frozen_model, worker.tokenizer, self.world.items, cases, max_length=max_length,
+                              item_cache=self.frozen_cache, cache_key=self.frozen_version)
+        return serving, m_up, m_fr
+
+    def _feed_drift_monitor(self, serving: str, cases: list, m_up: dict) -> None:
+        """Online signal for the drift detector: hits of the serving adapter on this block's cases."""
         if cases and not math.isnan(m_up["hr@10"]):
             hits = np.round(m_up["hr@10"] * len(cases))
             for j in range(len(cases)):
-                worker.monitor.record(serving, 1.0 if j < hits else 0.0)
-        end = start + len(block)
-        series.append({"start": start, "end": end, "cases": len(cases), "serving_version": serving,
-                       "hr_updates": m_up["hr@10"], "ndcg_updates": m_up["ndcg@10"],
-                       "hr_frozen": m_fr["hr@10"], "ndcg_frozen": m_fr["ndcg@10"]})
-        since_run += len(block)
-        trigger = "drift" if drift["pending"] else ("events" if since_run >= cfg.every_events else None)
+                self.worker.monitor.record(serving, 1.0 if j < hits else 0.0)
+
+    def _maybe_retrain(self, end: int, block_len: int) -> str | None:
+        """Run the worker on the newest ``cfg.window`` events after a drift detection or every
+        ``cfg.every_events`` events; returns the trigger (None: no run)."""
+        cfg, drift, events = self.cfg, self.drift, self.events
+        self.since_run += block_len
+        trigger = "drift" if drift["pending"] else ("events" if self.since_run >= cfg.every_events else None)
         if trigger and end > cfg.measure_start:
             drift["pending"] = False
-            since_run = 0
+            self.since_run = 0
             t1 = time.perf_counter()
             lo = max(0, end - cfg.window)
-            r = worker.run_once(events[lo: end], trigger=trigger, context=events[max(0, lo - cfg.context): lo])
-            train_s += time.perf_counter() - t1
-            runs.append({"at": end, "trigger": trigger, "outcome": r.outcome, "version": r.version,
-                         "examples": r.examples, "holdout": r.holdout, "seconds": round(r.seconds, 2),
-                         "candidate_hr": (r.decision or {}).get("candidate", {}).get("hr@10"),
-                         "serving_hr": (r.decision or {}).get("serving", {}).get("hr@10")})
-        if progress:
-            p = series[-1]
-            print(f"[{end:>5}] cases={p['cases']:3d} HR@10 updates={p['hr_updates']:.3f} frozen={p['hr_frozen']:.3f} "
-                  f"serving={serving} {'run:' + runs[-1]['outcome'] if trigger else ''}", flush=True)
+            r = self.worker.run_once(events[lo: end], trigger=trigger, context=events[max(0, lo - cfg.context): lo])
+            self.train_s += time.perf_counter() - t1
+            self.runs.append({"at": end, "trigger": trigger, "outcome": r.outcome, "version": r.version,
+                              "examples": r.examples, "holdout": r.holdout, "seconds": round(r.seconds, 2),
+                              "candidate_hr": (r.decision or {}).get("candidate", {}).get("hr@10"),
+                              "serving_hr": (r.decision or {}).get("serving", {}).get("hr@10")})
+        return trigger
 
-    def level(key: str) -> float:
-        pre = [p[key] for p in series if p["end"] <= cfg.shift_at and not math.isnan(p[key])]
+    # ------------------------------------------------------------------------------ result
+
+    def pre_shift_level(self, key: str) -> float:
+        """The arm's mean HR@10 over the blocks that end before the shift (NaN: none)."""
+        pre = [p[key] for p in self.series if p["end"] <= self.cfg.shift_at and not math.isnan(p[key])]
         return float(np.mean(pre)) if pre else float("nan")
 
-    lv_up, lv_fr = level("hr_updates"), level("hr_frozen")
-    out = {
-        "experiment": "drift",
-        "config": asdict(cfg),
-        "pre_shift_hr_updates": lv_up,
-        "pre_shift_hr_frozen": lv_fr,
-        "recovery_events_with_updates": recovery_events(series, cfg.shift_at, lv_up, cfg.recovery_frac, cfg.smooth, "hr_updates"),
-        "recovery_events_frozen": recovery_events(series, cfg.shift_at, lv_fr, cfg.recovery_frac, cfg.smooth, "hr_frozen"),
-        "series": series,
-        "hr_series": {"event": [p["end"] for p in series], "updates": [p["hr_updates"] for p in series],
-                      "frozen": [p["hr_frozen"] for p in series]},
-        "runs": runs,
-        "drift_detections": drift["fired"],
-        "warmup": {"outcome": warm.outcome, "version": frozen_version, "seconds": round(warmup_s, 1)},
-        "train_seconds": round(train_s, 1),
-        "run_seconds": round(time.perf_counter() - t_start, 1),
-        "torch_threads": torch.get_num_threads(),
-    }
-    if tmp is not None:
-        tmp.cleanup()
-    return out
+    def result(self) -> dict[str, Any]:
+        """The result dict: pre-shift levels, recovery times, the series, the training runs."""
+        import torch
+
+        cfg, series = self.cfg, self.series
+        lv_up, lv_fr = self.pre_shift_level("hr_updates"), self.pre_shift_level("hr_frozen")
+        return {
+            "experiment": "drift",
+            "config": asdict(cfg),
+            "pre_shift_hr_updates": lv_up,
+            "pre_shift_hr_frozen": lv_fr,
+            "recovery_events_with_updates": recovery_events(series, cfg.shift_at, lv_up, cfg.recovery_frac, cfg.smooth, "hr_updates"),
+            "recovery_events_frozen": recovery_events(series, cfg.shift_at, lv_fr, cfg.recovery_frac, cfg.smooth, "hr_frozen"),
+            "series": series,
+            "hr_series": {"event": [p["end"] for p in series], "updates": [p["hr_updates"] for p in series],
+                          "frozen": [p["hr_frozen"] for p in series]},
+            "runs": self.runs,
+            "drift_detections": self.drift["fired"],
+            "warmup": {"outcome": self.warm.outcome, "version": self.frozen_version, "seconds": round(self.warmup_s, 1)},
+            "train_seconds": round(self.train_s, 1),
+            "run_seconds": round(time.perf_counter() - self.t_start, 1),
+            "torch_threads": torch.get_num_threads(),
+        }
+
+    def cleanup(self) -> None:
+        """Remove the temporary adapter folder (when the run made one)."""
+        if self.tmp is not None:
+            self.tmp.cleanup()
 
 
 SHIFT_TEXT = {

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 from driftrec.core.contracts import Item
+from driftrec.core.interactions import Interaction
 
 FORMATS = ("ml-100k", "ml-latest", "auto")
 
@@ -38,14 +39,6 @@ _YEAR_IN_DATE = re.compile(r"(\d{4})\s*$")
 
 class DataError(ValueError):
     """A data file is missing or malformed."""
-
-
-@dataclass(frozen=True, slots=True)
-class Interaction:
-    user: str
-    item: str
-    rating: float
-    timestamp: float
 
 
 @dataclass

@@ -420,42 +420,68 @@ def evaluate(log_: RatingLog, cfg: EvalConfig, *, progress: bool = True, trainer
     on ``L_rec + kg_alpha * L_KG`` - both only when the warm-up gate (:func:`kg_gate`) opens, or with
     ``cfg.kg_gate == "force"``."""
     t_start = time.perf_counter()
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
+    _seed_everything(cfg.seed)
+    events, n_warm, item_ids, index = _prepare_events(log_, cfg)
+    if kg is None and cfg.kg:
+        kg = load_eval_kg(cfg, log_)
+    use_kg, kg_info = _gate_knowledge_graph(kg, events[:n_warm], item_ids, cfg)
+    trainer = _prepare_trainer(trainer, cfg, log_, item_ids, use_kg)
+    system = DriftrecSystem(log_, cfg, item_ids=item_ids, trainer=trainer if cfg.use_lm else None, kg=use_kg)
+    replay = _Replay(system, cfg, log_, index, n_warm, trainer=trainer, diagnose=diagnose)
+    replay.run(events, progress=progress)
+    return _assemble_result(replay, log_, cfg, kg_info=kg_info, n_events=len(events), n_warm=n_warm,
+                            item_ids=item_ids, elapsed=time.perf_counter() - t_start, diagnose=diagnose)
+
+
+def _seed_everything(seed: int) -> None:
+    """Seed Python's and NumPy's global random generators (the trainer and the system seed their own)."""
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def _prepare_events(log_: RatingLog, cfg: EvalConfig) -> tuple[list, int, list[str], dict[str, int]]:
+    """The replayed events (the first ``cfg.limit``), the warm-up length, and the catalogue's item ids with
+    their column index (items only seen in the events are appended, for hand-built logs)."""
     events = log_.events[: cfg.limit] if cfg.limit else log_.events
-    n_events = len(events)
-    n_warm = int(cfg.warmup_frac * n_events)
+    n_warm = int(cfg.warmup_frac * len(events))
     item_ids = list(log_.items)
     index = {i: n for n, i in enumerate(item_ids)}
     for e in events:
         if e.item not in index:  # load() fills the catalogue; be safe for hand-built logs
             index[e.item] = len(item_ids)
             item_ids.append(e.item)
+    return events, n_warm, item_ids, index
 
-    kg_info: dict | None = None
-    use_kg = None
-    if kg is None and cfg.kg:
-        kg = load_eval_kg(cfg, log_)
-    if kg is not None:
-        if cfg.kg_gate not in ("auto", "force"):
-            raise ValueError(f"kg_gate must be 'auto' or 'force', not {cfg.kg_gate!r}")
-        gate = kg_gate(events[:n_warm], kg, item_ids, cfg)
-        use_kg = kg if (gate["open"] or cfg.kg_gate == "force") else None
-        kg_info = {
-            "path": cfg.kg,
-            "report": kg.report.summary(),
-            "stats": kg.stats(),
-            "alignment": kg.alignment,
-            "gate": {"mode": cfg.kg_gate, **gate},
-            "used": use_kg is not None,
-            "alpha": cfg.kg_alpha,
-            "alpha_effective": cfg.kg_alpha if use_kg is not None and cfg.use_lm else 0.0,
-        }
-        log.info("knowledge graph %s: warm-up gate %s (HR@%d %.4f vs %.4f with shuffled links, z=%.2f); %s",
-                 cfg.kg, "open" if gate["open"] else "closed", cfg.kg_gate_k, gate[f"hr@{cfg.kg_gate_k}"],
-                 gate[f"hr@{cfg.kg_gate_k}_shuffled_links"], gate["z"],
-                 "used" if use_kg is not None else "not used")
 
+def _gate_knowledge_graph(kg, warmup: Sequence, item_ids: list[str], cfg: EvalConfig) -> tuple[object | None, dict | None]:
+    """Run the warm-up gate on ``kg`` (if any): the graph to use (None when the gate keeps it out) and
+    the ``kg`` section of the result (None without a graph)."""
+    if kg is None:
+        return None, None
+    if cfg.kg_gate not in ("auto", "force"):
+        raise ValueError(f"kg_gate must be 'auto' or 'force', not {cfg.kg_gate!r}")
+    gate = kg_gate(warmup, kg, item_ids, cfg)
+    use_kg = kg if (gate["open"] or cfg.kg_gate == "force") else None
+    kg_info = {
+        "path": cfg.kg,
+        "report": kg.report.summary(),
+        "stats": kg.stats(),
+        "alignment": kg.alignment,
+        "gate": {"mode": cfg.kg_gate, **gate},
+        "used": use_kg is not None,
+        "alpha": cfg.kg_alpha,
+        "alpha_effective": cfg.kg_alpha if use_kg is not None and cfg.use_lm else 0.0,
+    }
+    log.info("knowledge graph %s: warm-up gate %s (HR@%d %.4f vs %.4f with shuffled links, z=%.2f); %s",
+             cfg.kg, "open" if gate["open"] else "closed", cfg.kg_gate_k, gate[f"hr@{cfg.kg_gate_k}"],
+             gate[f"hr@{cfg.kg_gate_k}_shuffled_links"], gate["z"],
+             "used" if use_kg is not None else "not used")
+    return use_kg, kg_info
+
+
+def _prepare_trainer(trainer, cfg: EvalConfig, log_: RatingLog, item_ids: list[str], use_kg):
+    """The LM adapter trainer: ``trainer`` if given, else a new one when the LM is on (None when off);
+    with a used graph and ``cfg.kg_alpha > 0`` its objective gets the KG loss."""
     if cfg.use_lm and trainer is None:
         if cfg.threads:
             import torch
@@ -467,104 +493,196 @@ def evaluate(log_: RatingLog, cfg: EvalConfig, *, progress: bool = True, trainer
 
         attach_kg_loss(trainer, use_kg, {i: log_.items[i].text() for i in item_ids if i in log_.items},
                        alpha=cfg.kg_alpha)
-    system = DriftrecSystem(log_, cfg, item_ids=item_ids, trainer=trainer if cfg.use_lm else None, kg=use_kg)
-    baselines = {"popularity": system.pop, "decayed_popularity": system.dpop, "itemknn": system.knn}
+    return trainer
 
-    names = [SYSTEM, *BASELINES]
-    hr = {n: [] for n in names}
-    ndcg = {n: [] for n in names}
-    eval_ts: list[float] = []
-    # per evaluation: the target's positives before this event (cold when < cfg.cold_threshold), its
-    # interactions before it, and how many of driftrec's top-k had no interaction at all yet
-    eval_prior_pos: list[int] = []
-    eval_prior_int: list[int] = []
-    top_unseen: list[int] = []
-    lm_updates: list[dict] = []
-    pending: list = []
-    positives_seen = 0
-    last_update = 0
-    drift_events: list[dict] = []
-    feature_hr: dict[str, list[float]] = {}
-    system.corrector.on_drift(lambda ev: drift_events.append({"update": ev.update, "count": ev.count}))
 
-    def lm_update(initial: bool, position: int) -> None:
-        nonlocal pending, last_update
-        steps = cfg.lm_initial_steps if initial else cfg.lm_update_steps
-        stats = trainer.update(pending, max_steps=steps)
-        pending = []
-        last_update = position
-        system.refresh_item_vectors()
-        system.refresh_all_users()
+class _Replay:
+    """The test-then-train loop of one evaluation and what it records.
+
+    Per event: the LM schedule (:meth:`_maybe_update_lm`), the test step on a positive for an item new to
+    the user (:meth:`_test`: rank, and at an evaluation point measure every system), the LM training
+    example (:meth:`_collect_lm_example`), then the learning step (:meth:`_learn`). The ranking system is
+    only reached through :meth:`_rank`, :meth:`_learn`, :meth:`_refresh_lm` and the item statistics
+    read in :meth:`_record_evaluation`.
+    """
+
+    def __init__(self, system: DriftrecSystem, cfg: EvalConfig, log_: RatingLog, index: dict[str, int], n_warm: int,
+                 *, trainer=None, diagnose: bool = False) -> None:
+        self.system = system
+        self.cfg = cfg
+        self.log_ = log_
+        self.index = index
+        self.n_warm = n_warm
+        self.trainer = trainer if cfg.use_lm else None  # the adapter trainer when the LM takes part
+        self.diagnose = diagnose
+        self.baselines = {"popularity": system.pop, "decayed_popularity": system.dpop, "itemknn": system.knn}
+        self.names = [SYSTEM, *BASELINES]
+        self.hr: dict[str, list[float]] = {n: [] for n in self.names}
+        self.ndcg: dict[str, list[float]] = {n: [] for n in self.names}
+        self.eval_ts: list[float] = []
+        # per evaluation: the target's positives before this event (cold when < cfg.cold_threshold), its
+        # interactions before it, and how many of driftrec's top-k had no interaction at all yet
+        self.eval_prior_pos: list[int] = []
+        self.eval_prior_int: list[int] = []
+        self.top_unseen: list[int] = []
+        self.lm_updates: list[dict] = []
+        self.pending: list = []
+        self.positives_seen = 0
+        self.last_update = 0
+        self.drift_events: list[dict] = []
+        self.feature_hr: dict[str, list[float]] = {}
+        system.corrector.on_drift(lambda ev: self.drift_events.append({"update": ev.update, "count": ev.count}))
+
+    @property
+    def lm_enabled(self) -> bool:
+        return self.trainer is not None
+
+    # ------------------------------------------------------------------------------ the loop
+
+    def run(self, events: Sequence, *, progress: bool) -> None:
+        """Replay ``events`` in order, test-then-train, with a progress bar."""
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(events), desc="prequential-v1", unit="ev", disable=not progress, mininterval=2.0,
+                   file=sys.stderr)
+        for p, e in enumerate(events):
+            self._maybe_update_lm(p)
+            positive = e.rating >= self.cfg.positive_threshold
+            ranked = self._test(p, e, positive)
+            self._collect_lm_example(e, positive)
+            self._learn(e, ranked)
+            if progress and p % 2000 == 0:
+                self._show_progress(bar)
+            bar.update(1)
+        bar.close()
+
+    def _show_progress(self, bar) -> None:
+        """The running HR of driftrec and item-kNN on the progress bar."""
+        hr, evaluated = self.hr, bool(self.eval_ts)
+        bar.set_postfix(evals=len(self.eval_ts), hr=f"{np.mean(hr[SYSTEM]) if evaluated else 0:.3f}",
+                        knn=f"{np.mean(hr['itemknn']) if evaluated else 0:.3f}", refresh=False)
+
+    # ---------------------------------------------------------------------------- LM schedule
+
+    def _maybe_update_lm(self, p: int) -> None:
+        """Before event ``p``: the initial adapter training at the end of the warm-up, an incremental
+        update every ``cfg.lm_update_every`` events (when examples are pending), else the periodic
+        re-encoding of users whose history grew."""
+        if not self.lm_enabled:
+            return
+        cfg, n_warm = self.cfg, self.n_warm
+        if p == n_warm and n_warm > 0:
+            self._lm_update(True, p)
+        elif p > n_warm and p - self.last_update >= cfg.lm_update_every and self.pending:
+            self._lm_update(False, p)
+        elif p > 0 and p % cfg.user_refresh == 0:
+            self.system.refresh_all_users(changed_only=True)
+
+    def _lm_update(self, initial: bool, position: int) -> None:
+        """Train the adapter on the pending examples, refresh the system's LM vectors, record the stats."""
+        steps = self.cfg.lm_initial_steps if initial else self.cfg.lm_update_steps
+        stats = self.trainer.update(self.pending, max_steps=steps)
+        self.pending = []
+        self.last_update = position
+        self._refresh_lm()
         d = stats.as_dict()
         d.update(position=position, initial=initial)
-        if getattr(trainer, "last_kg_loss", None) is not None:
-            d["kg_loss"] = trainer.last_kg_loss
-        lm_updates.append(d)
+        if getattr(self.trainer, "last_kg_loss", None) is not None:
+            d["kg_loss"] = self.trainer.last_kg_loss
+        self.lm_updates.append(d)
 
-    from tqdm.auto import tqdm
+    def _refresh_lm(self) -> None:
+        """Recompute the system's item and user vectors after an adapter update."""
+        self.system.refresh_item_vectors()
+        self.system.refresh_all_users()
 
-    bar = tqdm(total=n_events, desc="prequential-v1", unit="ev", disable=not progress, mininterval=2.0,
-               file=sys.stderr)
-    for p, e in enumerate(events):
-        u, i_id, r, ts = e.user, e.item, e.rating, e.timestamp
-        i = index[i_id]
-        if trainer is not None and cfg.use_lm:
-            if p == n_warm and n_warm > 0:
-                lm_update(True, p)
-            elif p > n_warm and p - last_update >= cfg.lm_update_every and pending:
-                lm_update(False, p)
-            elif p > 0 and p % cfg.user_refresh == 0:
-                system.refresh_all_users(changed_only=True)
-        positive = r >= cfg.positive_threshold
-        ranked = None
-        if positive and i not in system.seen.get(u, ()):
-            allowed = np.ones(len(item_ids), dtype=bool)
-            seen = system.seen.get(u)
-            if seen:
-                allowed[list(seen)] = False
-            s = system.score_all(u, ts)
-            # The items the system ranks highest are the corrector's hard negatives.
-            masked = np.where(allowed, s, -np.inf)
-            top = np.argpartition(-masked, 50)[:50] if len(masked) > 50 else np.arange(len(masked))
-            ranked = top[np.isfinite(masked[top])]
-            if p >= n_warm:
-                positives_seen += 1
-                if (positives_seen - 1) % cfg.every == 0:
-                    if diagnose:
-                        F = system.features(u, None, ts)
-                        for j, fname in enumerate(system.feature_names):
-                            feature_hr.setdefault(fname, []).append(rank_metrics(F[:, j], i, allowed, cfg.k)[0])
-                    h, g = rank_metrics(s, i, allowed, cfg.k)
-                    eval_prior_pos.append(int(system.n_pos[i]))
-                    eval_prior_int.append(int(system.n_int[i]))
-                    topk = np.argsort(-masked, kind="stable")[: cfg.k]
-                    top_unseen.append(int((system.n_int[topk] == 0).sum()))
-                    hr[SYSTEM].append(h)
-                    ndcg[SYSTEM].append(g)
-                    for name, src in baselines.items():
-                        h, g = rank_metrics(src.score_all(u, ts), i, allowed, cfg.k)
-                        hr[name].append(h)
-                        ndcg[name].append(g)
-                    eval_ts.append(ts)
-        if trainer is not None and cfg.use_lm and positive and system.hist.get(u):
+    def _collect_lm_example(self, e, positive: bool) -> None:
+        """Queue a positive (for a user with a history) as a training example for the next adapter update."""
+        if self.lm_enabled and positive and self.system.hist.get(e.user):
             from driftrec.model.training.trainer import TrainingExample
 
-            pending.append(TrainingExample(system.user_text(u), log_.items[i_id].text()))
-        system.learn(u, i_id, r, ts, ranked=ranked)
-        if progress and p % 2000 == 0:
-            bar.set_postfix(evals=len(eval_ts), hr=f"{np.mean(hr[SYSTEM]) if eval_ts else 0:.3f}",
-                            knn=f"{np.mean(hr['itemknn']) if eval_ts else 0:.3f}", refresh=False)
-        bar.update(1)
-    bar.close()
+            self.pending.append(TrainingExample(self.system.user_text(e.user), self.log_.items[e.item].text()))
 
-    n_eval = len(eval_ts)
-    results = {
+    # ----------------------------------------------------------------------------- test step
+
+    def _test(self, p: int, e, positive: bool) -> np.ndarray | None:
+        """The test step on a positive for an item new to the user: rank, and at an evaluation point (after
+        the warm-up, every ``cfg.every``-th such positive) measure every system. Returns the system's top
+        ranked items (its hard negatives for learning), None when the event is not tested."""
+        u, i = e.user, self.index[e.item]
+        if not positive or i in self.system.seen.get(u, ()):
+            return None
+        allowed = self._allowed(u)
+        s, masked, ranked = self._rank(u, e.timestamp, allowed)
+        if p >= self.n_warm:
+            self.positives_seen += 1
+            if (self.positives_seen - 1) % self.cfg.every == 0:
+                self._record_evaluation(u, i, e.timestamp, allowed, s, masked)
+        return ranked
+
+    def _allowed(self, user: str) -> np.ndarray:
+        """The mask of items ``user`` may be recommended: those not interacted with yet."""
+        allowed = np.ones(len(self.system.item_ids), dtype=bool)
+        seen = self.system.seen.get(user)
+        if seen:
+            allowed[list(seen)] = False
+        return allowed
+
+    def _rank(self, user: str, ts: float, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The system's scores of all items, the scores with disallowed items at -inf, and its (up to) 50
+        highest ranked allowed items."""
+        s = self.system.score_all(user, ts)
+        # The items the system ranks highest are the corrector's hard negatives.
+        masked = np.where(allowed, s, -np.inf)
+        top = np.argpartition(-masked, 50)[:50] if len(masked) > 50 else np.arange(len(masked))
+        ranked = top[np.isfinite(masked[top])]
+        return s, masked, ranked
+
+    def _record_evaluation(self, u: str, i: int, ts: float, allowed: np.ndarray, s: np.ndarray,
+                           masked: np.ndarray) -> None:
+        """HR@k and NDCG@k of item ``i`` under the system and the baselines, the cold-item statistics,
+        and (with ``diagnose``) each feature's HR alone."""
+        cfg, system = self.cfg, self.system
+        if self.diagnose:
+            F = system.features(u, None, ts)
+            for j, fname in enumerate(system.feature_names):
+                self.feature_hr.setdefault(fname, []).append(rank_metrics(F[:, j], i, allowed, cfg.k)[0])
+        h, g = rank_metrics(s, i, allowed, cfg.k)
+        self.eval_prior_pos.append(int(system.n_pos[i]))
+        self.eval_prior_int.append(int(system.n_int[i]))
+        topk = np.argsort(-masked, kind="stable")[: cfg.k]
+        self.top_unseen.append(int((system.n_int[topk] == 0).sum()))
+        self.hr[SYSTEM].append(h)
+        self.ndcg[SYSTEM].append(g)
+        for name, src in self.baselines.items():
+            h, g = rank_metrics(src.score_all(u, ts), i, allowed, cfg.k)
+            self.hr[name].append(h)
+            self.ndcg[name].append(g)
+        self.eval_ts.append(ts)
+
+    # ---------------------------------------------------------------------------- learn step
+
+    def _learn(self, e, ranked: np.ndarray | None) -> None:
+        """The learning step: the system learns from the event (with its hard negatives when tested)."""
+        self.system.learn(e.user, e.item, e.rating, e.timestamp, ranked=ranked)
+
+
+def _overall_results(replay: _Replay, cfg: EvalConfig) -> dict:
+    """Mean HR@k and NDCG@k per system over all evaluations."""
+    n_eval = len(replay.eval_ts)
+    return {
         n: {
-            f"hr@{cfg.k}": float(np.mean(hr[n])) if n_eval else 0.0,
-            f"ndcg@{cfg.k}": float(np.mean(ndcg[n])) if n_eval else 0.0,
+            f"hr@{cfg.k}": float(np.mean(replay.hr[n])) if n_eval else 0.0,
+            f"ndcg@{cfg.k}": float(np.mean(replay.ndcg[n])) if n_eval else 0.0,
         }
-        for n in names
+        for n in replay.names
     }
+
+
+def _window_results(replay: _Replay, cfg: EvalConfig) -> list[dict]:
+    """The metrics per system in ``cfg.windows`` consecutive windows of evaluations (time order)."""
+    hr, ndcg, eval_ts = replay.hr, replay.ndcg, replay.eval_ts
+    n_eval = len(eval_ts)
     windows = []
     if n_eval:
         bounds = np.linspace(0, n_eval, min(cfg.windows, n_eval) + 1).astype(int)
@@ -577,16 +695,24 @@ def evaluate(log_: RatingLog, cfg: EvalConfig, *, progress: bool = True, trainer
                 "start_ts": float(eval_ts[a]),
                 "end_ts": float(eval_ts[b - 1]),
                 **{n: {f"hr@{cfg.k}": float(np.mean(hr[n][a:b])), f"ndcg@{cfg.k}": float(np.mean(ndcg[n][a:b]))}
-                   for n in names},
+                   for n in replay.names},
             })
-    elapsed = time.perf_counter() - t_start
+    return windows
+
+
+def _assemble_result(replay: _Replay, log_: RatingLog, cfg: EvalConfig, *, kg_info: dict | None, n_events: int,
+                     n_warm: int, item_ids: list[str], elapsed: float, diagnose: bool) -> dict:
+    """The result dict of :func:`evaluate`: metrics overall, cold and per window, the config and the
+    system's state (corrector, drift detections, LM updates)."""
+    system, lm_updates = replay.system, replay.lm_updates
     return {
         "protocol": PROTOCOL,
-        "evaluations": n_eval,
-        "results": results,
-        "cold": cold_results(hr, ndcg, eval_prior_pos, eval_prior_int, top_unseen, cfg),
+        "evaluations": len(replay.eval_ts),
+        "results": _overall_results(replay, cfg),
+        "cold": cold_results(replay.hr, replay.ndcg, replay.eval_prior_pos, replay.eval_prior_int,
+                             replay.top_unseen, cfg),
         **({"kg": kg_info} if kg_info is not None else {}),
-        "windows": windows,
+        "windows": _window_results(replay, cfg),
         "config": {
             **cfg.as_dict(),
             "data": log_.source,
@@ -601,16 +727,16 @@ def evaluate(log_: RatingLog, cfg: EvalConfig, *, progress: bool = True, trainer
             "corrector_weights": system.corrector.weights(),
             "corrector_updates": system.corrector.n_learned,
             "drift_count": system.corrector.drift_count,
-            "drift_events": drift_events[:100],
+            "drift_events": replay.drift_events[:100],
             "lm": {
-                "enabled": trainer is not None and cfg.use_lm,
+                "enabled": replay.lm_enabled,
                 "updates": lm_updates,
                 "user_encodes": system.user_encodes,
                 "seconds": system.lm_seconds + sum(u["seconds"] for u in lm_updates),
             },
         },
         "elapsed_s": elapsed,
-        **({"feature_hr": {f: float(np.mean(v)) for f, v in feature_hr.items()}} if diagnose else {}),
+        **({"feature_hr": {f: float(np.mean(v)) for f, v in replay.feature_hr.items()}} if diagnose else {}),
     }
 
 

@@ -137,117 +137,195 @@ def _fine_tune(settings, base, tok, examples, items, seed: int, init_path: Path 
 
 
 def run_transfer(cfg: TransferConfig, *, adapter_dir: Path | None = None, progress: bool = False) -> dict[str, Any]:
+    """Run the experiment (see the module docstring) and return its result dict."""
     import torch
-
-    from driftrec.model.adapters import AdapterRegistry
-    from driftrec.model.training.gate import evaluate_model
-    from driftrec.model.lm import DevicePlan, load_encoder, load_tokenizer
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    t_start = time.perf_counter()
-    cpu_start = time.process_time()
-    tmp = None
-    if adapter_dir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="driftrec-transfer-")
-        adapter_dir = Path(tmp.name)
-    settings = _settings(cfg, adapter_dir)
-    base = load_encoder(None, DevicePlan(torch.device("cpu"), torch.float32))
-    tok = load_tokenizer(None)
-    warm_world, new_world = make_worlds(cfg)
-    curve = sorted({int(n) for n in cfg.curve} | {int(cfg.new_events)})
-    max_n = max(curve)
-
-    def say(msg: str) -> None:
-        log.info(msg)
-        if progress:
-            print(f"[{time.perf_counter() - t_start:6.1f}s] {msg}", flush=True)
-
-    def evaluate(model, items, cases) -> dict[str, float]:
-        return evaluate_model(model, tok, items, cases, max_length=cfg.max_length)
-
-    # 1. the warm domain's adapter
-    warm_events = list(warm_world.events(cfg.warm_events))
-    n_warm_hold = max(1, cfg.warm_events // 10)
-    warm_train = _examples(warm_events[:-n_warm_hold], warm_world.items, cfg)
-    warm_cases = _cases(warm_events, warm_world.items, cfg, len(warm_events) - n_warm_hold)
-    t0 = time.perf_counter()
-    warm_trainer, warm_stats = _fine_tune(settings, base, tok, warm_train, warm_world.items, cfg.seed, None, adapter_dir,
-                                          max_steps=cfg.warm_steps)
-    warm_steps = warm_stats.steps if warm_stats else 0
-    warm_train_s = time.perf_counter() - t0
-    warm_in_domain = {"base": evaluate(base, warm_world.items, warm_cases),
-                      "adapter": evaluate(warm_trainer.model, warm_world.items, warm_cases)}
-    warm_path = warm_trainer.save(adapter_dir, cfg.warm_domain, "v1", {
-        "training_window": {"events": len(warm_events) - n_warm_hold},
-        "metrics": {"hr@10": warm_in_domain["adapter"]["hr@10"], "ndcg@10": warm_in_domain["adapter"]["ndcg@10"]},
-    })
-    registry = AdapterRegistry(adapter_dir)
-    registry.mark_active(cfg.warm_domain, "v1")
-    seed_path = registry.start_domain(cfg.new_domain, cfg.warm_domain)
-    say(f"warm adapter {warm_path.name}: {len(warm_train)} examples, {warm_steps} steps "
-        f"in {warm_train_s:.0f}s; in-domain HR@10 base {warm_in_domain['base']['hr@10']:.3f} -> "
-        f"adapter {warm_in_domain['adapter']['hr@10']:.3f}; new domain seeded at {seed_path.name}")
-
-    # 2. the new domain: fixed held-out cases after the first max(curve) events
-    new_events = list(new_world.events(max_n + cfg.test_events))
-    cases = _cases(new_events, new_world.items, cfg, max_n)
-    items = new_world.items
-    results: dict[str, Any] = {}
-    results["base"] = evaluate(base, items, cases)
-    results["warm_only"] = evaluate(warm_trainer.model, items, cases)
-    del warm_trainer
-    say(f"new domain: {len(cases)} test cases; base HR@10 {results['base']['hr@10']:.3f}, "
-        f"warm adapter (no fine-tuning) {results['warm_only']['hr@10']:.3f}")
-
-    points: list[dict[str, Any]] = []
-    ft_seconds = 0.0
-    for n in curve:
-        examples = _examples(new_events[:n], items, cfg)
-        row: dict[str, Any] = {"events": n, "examples": len(examples),
-                               "positives": sum(1 for x in examples if x.positive)}
-        for arm, init in (("scratch", None), ("transfer", seed_path)):
-            runs = []
-            for r in range(max(1, cfg.repeats)):
-                t1 = time.perf_counter()
-                trainer, stats = _fine_tune(settings, base, tok, examples, items, cfg.seed + 100 + r, init, adapter_dir)
-                dt = time.perf_counter() - t1
-                ft_seconds += dt
-                m = evaluate(trainer.model, items, cases)
-                runs.append({**m, "steps": stats.steps if stats else 0, "train_s": round(dt, 1),
-                             "loss_first": stats.loss_first if stats else None,
-                             "loss_last": stats.loss_last if stats else None})
-                del trainer
-            row[arm] = {"hr@10": float(np.mean([x["hr@10"] for x in runs])),
-                        "ndcg@10": float(np.mean([x["ndcg@10"] for x in runs])),
-                        "steps": runs[0]["steps"], "runs": runs}
-        points.append(row)
-        say(f"N={n:4d} events ({row['examples']} examples, {row['positives']} positive): HR@10 scratch "
-            f"{row['scratch']['hr@10']:.3f} transfer {row['transfer']['hr@10']:.3f} ({row['transfer']['steps']} steps)")
-    head = next(p for p in points if p["events"] == cfg.new_events)
-    results["scratch"] = {k: head["scratch"][k] for k in ("hr@10", "ndcg@10", "steps")}
-    results["transfer"] = {k: head["transfer"][k] for k in ("hr@10", "ndcg@10", "steps")}
-    for arm in ARMS:
-        results[arm]["n"] = len(cases)
-    out = {
-        "experiment": "transfer",
-        "config": asdict(cfg),
-        "warm_domain": {"domain": cfg.warm_domain, "events": len(warm_events) - n_warm_hold,
-                        "examples": len(warm_train), "steps": warm_steps,
-                        "train_seconds": round(warm_train_s, 1), "in_domain": warm_in_domain,
-                        "test_cases": len(warm_cases)},
-        "new_domain": {"domain": cfg.new_domain, "events": cfg.new_events, "test_cases": len(cases),
-                       "test_events": cfg.test_events, "seeded_from": seed_path.name},
-        "results": results,
-        "curve": points,
-        "fine_tune_seconds": round(ft_seconds, 1),
-        "run_seconds": round(time.perf_counter() - t_start, 1),
-        "cpu_seconds": round(time.process_time() - cpu_start, 1),  # the machine is shared: wall time varies
-        "torch_threads": torch.get_num_threads(),
-    }
-    if tmp is not None:
-        tmp.cleanup()
+    run = _TransferRun(cfg, adapter_dir, progress=progress)
+    warm = run.train_warm_adapter()
+    new_events, cases = run.new_domain_test_cases()
+    results = run.evaluate_without_fine_tuning(warm, cases)
+    points = run.learning_curve(new_events, cases, warm.seed_path)
+    run.add_headline(results, points, len(cases))
+    out = run.result(warm, results, points, len(cases))
+    run.cleanup()
     return out
+
+
+@dataclass
+class _WarmAdapter:
+    """The warm domain's adapter and how it was trained (step 1 of the experiment)."""
+
+    trainer: Any  # dropped (None) once it is no longer needed
+    events: int
+    examples: int
+    steps: int
+    train_seconds: float
+    in_domain: dict[str, dict[str, float]]
+    test_cases: int
+    seed_path: Path  # the new domain's adapter, seeded from this one
+
+
+class _TransferRun:
+    """The state of one run: timers, adapter folder, settings, base model, tokenizer and both worlds."""
+
+    def __init__(self, cfg: TransferConfig, adapter_dir: Path | None, *, progress: bool) -> None:
+        from driftrec.model.lm import DevicePlan, load_encoder, load_tokenizer
+        import torch
+
+        self.cfg = cfg
+        self.progress = progress
+        self.t_start = time.perf_counter()
+        self.cpu_start = time.process_time()
+        self.tmp = None
+        if adapter_dir is None:
+            self.tmp = tempfile.TemporaryDirectory(prefix="driftrec-transfer-")
+            adapter_dir = Path(self.tmp.name)
+        self.adapter_dir = adapter_dir
+        self.settings = _settings(cfg, adapter_dir)
+        self.base = load_encoder(None, DevicePlan(torch.device("cpu"), torch.float32))
+        self.tok = load_tokenizer(None)
+        self.warm_world, self.new_world = make_worlds(cfg)
+        self.curve = sorted({int(n) for n in cfg.curve} | {int(cfg.new_events)})
+        self.max_n = max(self.curve)
+        self.ft_seconds = 0.0
+
+    def say(self, msg: str) -> None:
+        """Log a stage's outcome (and print it, with the elapsed time, when ``progress``)."""
+        log.info(msg)
+        if self.progress:
+            print(f"[{time.perf_counter() - self.t_start:6.1f}s] {msg}", flush=True)
+
+    def evaluate(self, model, items, cases) -> dict[str, float]:
+        """HR@10 / NDCG@10 of ``model`` on ``cases``, ranked against ``items`` (the gate's evaluation)."""
+        from driftrec.model.training.gate import evaluate_model
+
+        return evaluate_model(model, self.tok, items, cases, max_length=self.cfg.max_length)
+
+    def fine_tune(self, examples, items, seed: int, init_path: Path | None, max_steps: int | None = None):
+        """A trainer (from ``init_path``'s adapter, else a fresh one) fine-tuned on ``examples``, and its stats."""
+        return _fine_tune(self.settings, self.base, self.tok, examples, items, seed, init_path, self.adapter_dir,
+                          max_steps=max_steps)
+
+    # ------------------------------------------------------------------------------ steps
+
+    def train_warm_adapter(self) -> _WarmAdapter:
+        """Step 1: train the warm domain's adapter, measure it in its own domain, save it as the active
+        version and seed the new domain from it."""
+        from driftrec.model.adapters import AdapterRegistry
+
+        cfg, world = self.cfg, self.warm_world
+        warm_events = list(world.events(cfg.warm_events))
+        n_warm_hold = max(1, cfg.warm_events // 10)
+        warm_train = _examples(warm_events[:-n_warm_hold], world.items, cfg)
+        warm_cases = _cases(warm_events, world.items, cfg, len(warm_events) - n_warm_hold)
+        t0 = time.perf_counter()
+        trainer, stats = self.fine_tune(warm_train, world.items, cfg.seed, None, max_steps=cfg.warm_steps)
+        steps = stats.steps if stats else 0
+        train_s = time.perf_counter() - t0
+        in_domain = {"base": self.evaluate(self.base, world.items, warm_cases),
+                     "adapter": self.evaluate(trainer.model, world.items, warm_cases)}
+        warm_path = trainer.save(self.adapter_dir, cfg.warm_domain, "v1", {
+            "training_window": {"events": len(warm_events) - n_warm_hold},
+            "metrics": {"hr@10": in_domain["adapter"]["hr@10"], "ndcg@10": in_domain["adapter"]["ndcg@10"]},
+        })
+        registry = AdapterRegistry(self.adapter_dir)
+        registry.mark_active(cfg.warm_domain, "v1")
+        seed_path = registry.start_domain(cfg.new_domain, cfg.warm_domain)
+        self.say(f"warm adapter {warm_path.name}: {len(warm_train)} examples, {steps} steps "
+                 f"in {train_s:.0f}s; in-domain HR@10 base {in_domain['base']['hr@10']:.3f} -> "
+                 f"adapter {in_domain['adapter']['hr@10']:.3f}; new domain seeded at {seed_path.name}")
+        return _WarmAdapter(trainer=trainer, events=len(warm_events) - n_warm_hold, examples=len(warm_train),
+                            steps=steps, train_seconds=train_s, in_domain=in_domain, test_cases=len(warm_cases),
+                            seed_path=seed_path)
+
+    def new_domain_test_cases(self) -> tuple[list, list]:
+        """Step 2: the new domain's events and its fixed held-out cases after the first ``max(curve)`` events."""
+        new_events = list(self.new_world.events(self.max_n + self.cfg.test_events))
+        cases = _cases(new_events, self.new_world.items, self.cfg, self.max_n)
+        return new_events, cases
+
+    def evaluate_without_fine_tuning(self, warm: _WarmAdapter, cases: list) -> dict[str, Any]:
+        """The arms with no new-domain training: ``base`` and ``warm_only`` (then the warm trainer is dropped)."""
+        items = self.new_world.items
+        results: dict[str, Any] = {}
+        results["base"] = self.evaluate(self.base, items, cases)
+        results["warm_only"] = self.evaluate(warm.trainer.model, items, cases)
+        warm.trainer = None
+        self.say(f"new domain: {len(cases)} test cases; base HR@10 {results['base']['hr@10']:.3f}, "
+                 f"warm adapter (no fine-tuning) {results['warm_only']['hr@10']:.3f}")
+        return results
+
+    def learning_curve(self, new_events: list, cases: list, seed_path: Path) -> list[dict[str, Any]]:
+        """Step 3: for every N of the curve, ``scratch`` and ``transfer`` fine-tuned on the first N events."""
+        items = self.new_world.items
+        points: list[dict[str, Any]] = []
+        for n in self.curve:
+            examples = _examples(new_events[:n], items, self.cfg)
+            row: dict[str, Any] = {"events": n, "examples": len(examples),
+                                   "positives": sum(1 for x in examples if x.positive)}
+            for arm, init in (("scratch", None), ("transfer", seed_path)):
+                row[arm] = self.fine_tuned_arm(examples, cases, init)
+            points.append(row)
+            self.say(f"N={n:4d} events ({row['examples']} examples, {row['positives']} positive): HR@10 scratch "
+                     f"{row['scratch']['hr@10']:.3f} transfer {row['transfer']['hr@10']:.3f} "
+                     f"({row['transfer']['steps']} steps)")
+        return points
+
+    def fine_tuned_arm(self, examples: list, cases: list, init: Path | None) -> dict[str, Any]:
+        """One arm at one N: ``cfg.repeats`` fine-tuning runs (seeds ``seed + 100 + r``), their mean metrics."""
+        items = self.new_world.items
+        runs = []
+        for r in range(max(1, self.cfg.repeats)):
+            t1 = time.perf_counter()
+            trainer, stats = self.fine_tune(examples, items, self.cfg.seed + 100 + r, init)
+            dt = time.perf_counter() - t1
+            self.ft_seconds += dt
+            m = self.evaluate(trainer.model, items, cases)
+            runs.append({**m, "steps": stats.steps if stats else 0, "train_s": round(dt, 1),
+                         "loss_first": stats.loss_first if stats else None,
+                         "loss_last": stats.loss_last if stats else None})
+            del trainer
+        return {"hr@10": float(np.mean([x["hr@10"] for x in runs])),
+                "ndcg@10": float(np.mean([x["ndcg@10"] for x in runs])),
+                "steps": runs[0]["steps"], "runs": runs}
+
+    def add_headline(self, results: dict[str, Any], points: list[dict[str, Any]], n_cases: int) -> None:
+        """The headline table: ``scratch`` and ``transfer`` at ``N = new_events``, every arm with its case count."""
+        head = next(p for p in points if p["events"] == self.cfg.new_events)
+        results["scratch"] = {k: head["scratch"][k] for k in ("hr@10", "ndcg@10", "steps")}
+        results["transfer"] = {k: head["transfer"][k] for k in ("hr@10", "ndcg@10", "steps")}
+        for arm in ARMS:
+            results[arm]["n"] = n_cases
+
+    def result(self, warm: _WarmAdapter, results: dict[str, Any], points: list[dict[str, Any]],
+               n_cases: int) -> dict[str, Any]:
+        """The result dict (what the JSON holds)."""
+        import torch
+
+        cfg = self.cfg
+        return {
+            "experiment": "transfer",
+            "config": asdict(cfg),
+            "warm_domain": {"domain": cfg.warm_domain, "events": warm.events,
+                            "examples": warm.examples, "steps": warm.steps,
+                            "train_seconds": round(warm.train_seconds, 1), "in_domain": warm.in_domain,
+                            "test_cases": warm.test_cases},
+            "new_domain": {"domain": cfg.new_domain, "events": cfg.new_events, "test_cases": n_cases,
+                           "test_events": cfg.test_events, "seeded_from": warm.seed_path.name},
+            "results": results,
+            "curve": points,
+            "fine_tune_seconds": round(self.ft_seconds, 1),
+            "run_seconds": round(time.perf_counter() - self.t_start, 1),
+            "cpu_seconds": round(time.process_time() - self.cpu_start, 1),  # the machine is shared: wall time varies
+            "torch_threads": torch.get_num_threads(),
+        }
+
+    def cleanup(self) -> None:
+        """Remove the temporary adapter folder (when the run made one)."""
+        if self.tmp is not None:
+            self.tmp.cleanup()
 
 
 def write_report(result: dict[str, Any], report_dir: Path) -> tuple[Path, Path, Path]:

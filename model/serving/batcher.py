@@ -82,25 +82,37 @@ class MicroBatcher:
             batch = [await self._queue.get()]
             while len(batch) < self.max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            groups: dict[int, list[tuple]] = {}
-            for entry in batch:
-                groups.setdefault(id(entry[0]), []).append(entry)
-            for entries in groups.values():
-                live = [e for e in entries if not e[2].done()]  # skip requests already cancelled
-                if not live:
-                    continue
-                now = time.perf_counter()
-                for e in live:
-                    metrics.SCORING_QUEUE_SECONDS.observe(now - e[3])
-                try:
-                    results = await loop.run_in_executor(self.executor, self.fn, live[0][0], [e[1] for e in live])
-                except Exception as exc:  # noqa: BLE001 - handed to every waiter
-                    for e in live:
-                        if not e[2].done():
-                            e[2].set_exception(exc)
-                    continue
-                self.batches += 1
-                self.items += len(live)
-                for e, res in zip(live, results):
+            try:
+                await self._forward(loop, batch)
+            except asyncio.CancelledError:
+                # stopping while a batch is with the model: its requests have left the queue, so stop()
+                # would not see them - answer them here rather than leave their callers waiting
+                for e in batch:
                     if not e[2].done():
-                        e[2].set_result(res)
+                        e[2].set_exception(RuntimeError("scorer shutting down"))
+                raise
+
+    async def _forward(self, loop: asyncio.AbstractEventLoop, batch: list[tuple]) -> None:
+        """Score one batch: one forward per key (domain snapshot), each result to its caller."""
+        groups: dict[int, list[tuple]] = {}
+        for entry in batch:
+            groups.setdefault(id(entry[0]), []).append(entry)
+        for entries in groups.values():
+            live = [e for e in entries if not e[2].done()]  # skip requests already cancelled
+            if not live:
+                continue
+            now = time.perf_counter()
+            for e in live:
+                metrics.SCORING_QUEUE_SECONDS.observe(now - e[3])
+            try:
+                results = await loop.run_in_executor(self.executor, self.fn, live[0][0], [e[1] for e in live])
+            except Exception as exc:  # noqa: BLE001 - handed to every waiter
+                for e in live:
+                    if not e[2].done():
+                        e[2].set_exception(exc)
+                continue
+            self.batches += 1
+            self.items += len(live)
+            for e, res in zip(live, results):
+                if not e[2].done():
+                    e[2].set_result(res)

@@ -26,6 +26,7 @@ from driftrec.model.base import HistoryEntry, UserContext
 from driftrec.model.text import render_history
 from driftrec.model.training.trainer import TrainingExample
 from driftrec.core.contracts import Click, Item, Rating
+from driftrec.core.interactions import CLICK, RATING, Interaction
 
 MASK_TOKEN = "[MASK]"
 
@@ -37,17 +38,6 @@ class DriftExample(TrainingExample):
     positive: bool = True
     rating: float | None = None
     hard_negatives: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Interaction:
-    user_id: str
-    item_id: str
-    rating: float | None  # None = click
-    event_time: float
-    event_id: str = ""
-    domain: str | None = None
-    recommendation_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -69,10 +59,10 @@ def interaction_from(event: Any) -> Interaction | None:
     if isinstance(event, Mapping):
         kind = event.get("type")
         user, item = event.get("user_id"), event.get("item_id")
-        if kind not in ("click", "rating") or not isinstance(user, str) or not isinstance(item, str):
+        if kind not in (CLICK, RATING) or not isinstance(user, str) or not isinstance(item, str):
             return None
-        rating = event.get("rating") if kind == "rating" else None
-        if kind == "rating" and (isinstance(rating, bool) or not isinstance(rating, (int, float))):
+        rating = event.get("rating") if kind == RATING else None
+        if kind == RATING and (isinstance(rating, bool) or not isinstance(rating, (int, float))):
             return None
         t = event.get("event_time")
         return Interaction(user, item, None if rating is None else float(rating),

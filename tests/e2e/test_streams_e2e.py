@@ -10,7 +10,7 @@ import time
 import pytest
 
 from driftrec.model.evaluation.world import World
-from tests.support import Proc, env_for, produce_raw, read_json_topic, wait_until
+from tests.support import Proc, committed_offsets, env_for, produce_raw, read_json_topic, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -152,7 +152,10 @@ def test_restarted_worker_keeps_committed_progress(kafka):
     try:
         produce_raw(bootstrap, first)
         wait_until(lambda: w1.metric("driftrec_recommendations_published_total") >= 40, 90, message="first batch answered")
-        time.sleep(3 * settings.kafka.embedded_heartbeat_interval_s)  # several commit intervals
+        # kill only once the offsets are committed (a fixed sleep is not enough on a loaded machine)
+        wait_until(lambda: sum(committed_offsets(bootstrap, settings.stream.app_id,
+                                                 [settings.topics.requests.name]).values()) >= 40,
+                   90, interval=1.0, message="the first batch's offsets committed")
     finally:
         w1.kill()
 

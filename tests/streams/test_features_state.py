@@ -8,10 +8,8 @@ import random
 
 import pytest
 
+from driftrec.core.interactions import CLICK, RATING, Interaction
 from driftrec.streams.state import (
-    CLICK,
-    RATING,
-    Interaction,
     ItemDelta,
     ItemState,
     UserState,
@@ -30,7 +28,7 @@ def _events(n=300, users=5, items=40, seed=1):
         kind = RATING if rng.random() < 0.3 else CLICK
         out.append(Interaction(
             event_id=f"e{i}", event_time=1_700_000_000 + i * 7.5 + rng.random(), user_id=f"u{rng.randrange(users)}",
-            item_id=f"i{rng.randrange(items)}", kind=kind, rating=float(rng.randint(1, 5)) if kind == RATING else None,
+            item_id=f"i{rng.randrange(items)}", rating=float(rng.randint(1, 5)) if kind == RATING else None,
             source=f"c{i % 4}", offset=i,
         ))
     return out
@@ -58,10 +56,10 @@ def test_user_counts_mean_recent():
     u = UserState()
     t = 1_700_000_000.0
     evs = [
-        Interaction("a", t, "u", "i1", CLICK, source="c0", offset=0),
-        Interaction("b", t + 1, "u", "i2", RATING, 4.0, "r0", 0),
-        Interaction("c", t + 2, "u", "i1", RATING, 2.0, "r0", 1),
-        Interaction("d", t + 3, "u", "i3", CLICK, source="c0", offset=1),
+        Interaction("u", "i1", None, t, "a", source="c0", offset=0),
+        Interaction("u", "i2", 4.0, t + 1, "b", source="r0", offset=0),
+        Interaction("u", "i1", 2.0, t + 2, "c", source="r0", offset=1),
+        Interaction("u", "i3", None, t + 3, "d", source="c0", offset=1),
     ]
     for e in evs:
         assert u.apply(e, recent_items=2) is Verdict.NEW
@@ -71,8 +69,7 @@ def test_user_counts_mean_recent():
 
 def _arriving(events, source="c0"):
     """The events as records of one partition in this arrival order (offsets follow arrival)."""
-    return [Interaction(e.event_id, e.event_time, e.user_id, e.item_id, e.kind, e.rating, source, n)
-            for n, e in enumerate(events)]
+    return [e._replace(source=source, offset=n) for n, e in enumerate(events)]
 
 
 def test_user_features_do_not_depend_on_arrival_order():
@@ -115,7 +112,7 @@ def test_redelivery_and_duplicates_are_not_counted_twice():
     for ev in events:  # a crash replay: same records, same positions
         assert states[ev.user_id].apply(ev) is Verdict.REDELIVERED
     for ev in events:  # a producer re-sending its log: same ids, new positions
-        moved = Interaction(ev.event_id, ev.event_time, ev.user_id, ev.item_id, ev.kind, ev.rating, "c9", ev.offset + 10_000)
+        moved = ev._replace(source="c9", offset=ev.offset + 10_000)
         assert states[ev.user_id].apply(moved) is Verdict.DUPLICATE
     assert {uid: _row(s, uid) for uid, s in states.items()} == before
 
@@ -133,7 +130,7 @@ def test_dedupe_memory_survives_serialization_and_is_bounded():
     # the same event from another record after the memory forgot its id: older than the floor ->
     # skipped as late, never double counted
     e = events[0]
-    again = Interaction(e.event_id, e.event_time, e.user_id, e.item_id, e.kind, e.rating, "c9", 10_000)
+    again = e._replace(source="c9", offset=10_000)
     assert restored.apply(again, dedupe_ids=50) is Verdict.LATE
     assert restored.click_count + restored.rating_count == 200
 
@@ -141,13 +138,13 @@ def test_dedupe_memory_survives_serialization_and_is_bounded():
 def test_redelivery_is_judged_per_source_partition():
     st = UserState()
     t = 1_700_000_000.0
-    assert st.apply(Interaction("a", t, "u", "i1", CLICK, source="c2", offset=7)) is Verdict.NEW
+    assert st.apply(Interaction("u", "i1", None, t, "a", source="c2", offset=7)) is Verdict.NEW
     # another source partition's offsets are independent: offset 3 of r2 is new
-    assert st.apply(Interaction("b", t + 1, "u", "i2", RATING, 4.0, "r2", 3)) is Verdict.NEW
-    assert st.apply(Interaction("a", t, "u", "i1", CLICK, source="c2", offset=7)) is Verdict.REDELIVERED
+    assert st.apply(Interaction("u", "i2", 4.0, t + 1, "b", source="r2", offset=3)) is Verdict.NEW
+    assert st.apply(Interaction("u", "i1", None, t, "a", source="c2", offset=7)) is Verdict.REDELIVERED
     # a duplicate moves the mark too: replaying it later is a redelivery, not a second duplicate count
-    assert st.apply(Interaction("b", t + 1, "u", "i2", RATING, 4.0, "r2", 9)) is Verdict.DUPLICATE
-    assert st.apply(Interaction("b", t + 1, "u", "i2", RATING, 4.0, "r2", 9)) is Verdict.REDELIVERED
+    assert st.apply(Interaction("u", "i2", 4.0, t + 1, "b", source="r2", offset=9)) is Verdict.DUPLICATE
+    assert st.apply(Interaction("u", "i2", 4.0, t + 1, "b", source="r2", offset=9)) is Verdict.REDELIVERED
     assert (st.click_count, st.rating_count, st.hw) == (1, 1, {"c2": 7, "r2": 9})
 
 
@@ -181,3 +178,16 @@ def test_recent_items_top_n_by_newest_time(limit):
         newest[e.item_id] = max(newest.get(e.item_id, 0), e.event_time)
     expected = [i for i, _ in sorted(newest.items(), key=lambda kv: (-kv[1], kv[0]))][:limit]
     assert st.recent_item_ids == expected
+
+
+def test_forward_wire_format_is_unchanged():
+    """What goes to the item stage (and may be in flight across an upgrade) keeps its list form."""
+    from driftrec.streams.state import forward_record
+
+    click = Interaction("u", "i1", None, 100.5, "e1", "movies", "req", "c3", 17)
+    rating = Interaction("u", "i2", 4.0, 101.0, "e2", None, None, "r0", 2)
+    assert forward_record(click) == ["i1", "click", None, 100.5, "c3", 17]
+    assert forward_record(rating) == ["i2", "rating", 4.0, 101.0, "r0", 2]
+    for ev in (click, rating):
+        assert ItemDelta.of(ev).to_list() == forward_record(ev)
+        assert ItemDelta.from_list(json.loads(json.dumps(forward_record(ev)))) == ItemDelta.of(ev)

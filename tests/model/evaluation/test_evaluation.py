@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from driftrec.model.evaluation.movielens import DataError, Interaction, RatingLog, load, make_item, split_title
+from driftrec.core.interactions import Interaction
+from driftrec.model.evaluation.movielens import DataError, RatingLog, load, make_item, split_title
 from driftrec.model.evaluation.prequential import EvalConfig, evaluate, evaluate_main, write_report
 from driftrec.model.ranking.metrics import rank_metrics
 

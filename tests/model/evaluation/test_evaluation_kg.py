@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from driftrec.model.evaluation.movielens import Interaction, RatingLog, make_item
+from driftrec.core.interactions import Interaction
+from driftrec.model.evaluation.movielens import RatingLog, make_item
 from driftrec.model.evaluation.prequential import EvalConfig, evaluate, evaluate_main, kg_gate, permuted_links
 from driftrec.model.knowledge.graph import load_kg
 from tests.model.evaluation.test_evaluation import GENRES, L3, tiny_log, write_ml100k
