@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -23,6 +24,9 @@ from pathlib import Path
 
 from driftrec.core.broker import broker, free_port
 from driftrec.core.settings import Settings
+
+
+_RUN_CONTROL_KEY = secrets.token_hex(32)
 
 
 def child_env(settings: Settings, bootstrap: str, run_dir: Path, **extra: str) -> dict[str, str]:
@@ -37,6 +41,9 @@ def child_env(settings: Settings, bootstrap: str, run_dir: Path, **extra: str) -
                                         else Path.cwd() / settings.model.adapter_dir),
         PYTHONUNBUFFERED="1",
     )
+    if settings.security.control_key is None and "DRIFTREC_SECURITY__CONTROL_KEY" not in env:
+        # this run's trainer and scorer sign and check adapter announcements with a key of their own
+        env["DRIFTREC_SECURITY__CONTROL_KEY"] = _RUN_CONTROL_KEY
     env.update(extra)
     return env
 

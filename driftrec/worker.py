@@ -23,9 +23,9 @@ def run_worker(settings: Settings) -> int:
     from driftrec.streams.app import create_app
 
     with broker(settings, start=True) as bootstrap:
-        port = start_metrics_server(settings.metrics.port)
+        port = start_metrics_server(settings.metrics.port, settings.metrics.host)
         # Read by tests and the demo: the one line that says where this worker serves metrics.
-        print(f"driftrec worker: metrics on 127.0.0.1:{port}, broker {bootstrap}", flush=True)
+        print(f"driftrec worker: metrics on {settings.metrics.host}:{port}, broker {bootstrap}", flush=True)
         app = create_app(settings, bootstrap)
         worker = faust.Worker(
             app,

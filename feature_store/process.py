@@ -103,7 +103,7 @@ class ProcessWriter(FeatureWriter):
         ctx = _context()
         parent, child = ctx.Pipe(duplex=True)
         proc = ctx.Process(target=_serve, name=f"driftrec-{self.store_name}-writer", daemon=True,
-                           args=(child, self.settings.model_dump_json(), self.store_name))
+                           args=(child, self.settings.dump_without_secrets(), self.store_name))
         proc.start()
         child.close()
         self._proc, self._conn = proc, parent

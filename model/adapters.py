@@ -23,7 +23,9 @@ so trainer and scorer always agree on the LoRA layout.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import errno
 import hashlib
 import json
 import logging
@@ -549,15 +551,26 @@ class AdapterRegistry:
                 self._state[domain] = state
             return self._state[domain]
 
-    def _save_state(self, domain: str) -> None:
+    def _save_state(self, domain: str, state: dict[str, Any]) -> None:
+        """Persist ``state`` as the domain's registry state, then adopt it (on failure nothing changes)."""
         ddir = self.adapter_dir / domain
+        tmp = ddir / f".{STATE_NAME}.{uuid.uuid4().hex[:6]}"
         try:
             ddir.mkdir(parents=True, exist_ok=True)
-            tmp = ddir / f".{STATE_NAME}.{uuid.uuid4().hex[:6]}"
-            tmp.write_text(json.dumps(self._state[domain]))
+            tmp.write_text(json.dumps(state))
             os.replace(tmp, ddir / STATE_NAME)
-        except OSError as exc:  # read-only adapter dir: keep the state in memory only
-            log.warning("cannot persist adapter registry state for %s: %s", domain, exc)
+            self._state[domain] = state
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                # a replica with a read-only adapter mount: the state lives in memory (the trainer owns the file)
+                log.warning("cannot persist adapter registry state for %s (read-only): %s", domain, exc)
+                self._state[domain] = state
+                return
+            # disk full, I/O error...: the change must not look durable when it is not
+            log.error("could not persist adapter registry state for %s: %s", domain, exc)
+            raise
 
     def active(self, domain: str) -> str | None:
         return self._load_state(domain)["active"]
@@ -572,10 +585,8 @@ class AdapterRegistry:
             st = self._load_state(domain)
             if st["active"] == version:
                 return
-            if st["active"] is not None:
-                st["history"] = (st["history"] + [st["active"]])[-20:]
-            st["active"] = version
-            self._save_state(domain)
+            history = (st["history"] + [st["active"]])[-20:] if st["active"] is not None else list(st["history"])
+            self._save_state(domain, {"active": version, "history": history})
 
     def mark_rolled_back(self, domain: str) -> str | None:
         """Pop the rollback target and make it active; returns it (None = nothing to roll back to)."""
@@ -583,9 +594,10 @@ class AdapterRegistry:
             st = self._load_state(domain)
             if not st["history"]:
                 return None
-            st["active"] = st["history"].pop()
-            self._save_state(domain)
-            return st["active"]
+            history = list(st["history"])
+            target = history.pop()
+            self._save_state(domain, {"active": target, "history": history})
+            return target
 
     def describe(self, domain: str) -> dict[str, Any]:
         return {

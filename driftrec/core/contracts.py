@@ -148,10 +148,12 @@ class DeadLetter(Event, serializer="json", include_metadata=False):
 
     reason: str
     source_topic: str
-    original_b64: str
+    original_b64: str  # the first ``stream.dead_letter_max_bytes`` of the record (all of it unless truncated)
     source_partition: int | None = None
     source_offset: int | None = None
     original_key_b64: str | None = None
+    original_bytes: int = 0  # the record's full size
+    truncated: bool = False  # True when original_b64 holds only the first bytes (the source offset finds the rest)
 
     def key(self) -> str:
         return self.source_topic
@@ -166,6 +168,7 @@ class AdapterAnnouncement(Event, serializer="json", include_metadata=False):
     version: str
     path: str
     action: str = "activate"  # activate | rollback
+    signature: str = ""  # HMAC-SHA256 of the deciding fields (driftrec.core.signing)
 
     def key(self) -> str:
         return self.domain

@@ -229,6 +229,12 @@ CHECKPOINT_REJECTIONS = Counter(
     "(checksum/shape/config/missing_file/too_large/untrusted).",
     ["reason"],
 )
+CONTROL_REJECTED = Counter(
+    "driftrec_control_messages_rejected",
+    "Control messages (adapter activate/rollback) on Kafka not acted on, by reason "
+    "(malformed/no_key/unsigned/bad_signature/stale/replayed).",
+    ["reason"],
+)
 ROLLBACKS = Counter(
     "driftrec_rollbacks",
     "Adapter rollbacks to the previous promoted version, by domain.",
@@ -283,6 +289,8 @@ def prime(domains=("default",), topics=()) -> None:
             ADAPTER_SWAPS.labels(domain=domain, outcome=outcome)
     for reason in ("checksum", "corrupt", "shape", "config", "missing_file", "too_large", "untrusted"):
         CHECKPOINT_REJECTIONS.labels(reason=reason)
+    for reason in ("malformed", "no_key", "unsigned", "bad_signature", "stale", "replayed"):
+        CONTROL_REJECTED.labels(reason=reason)
     for reason in ("scorer_timeout", "scorer_error", "scorer_unavailable"):
         FALLBACKS.labels(reason=reason)
     for outcome in ("promoted", "rejected", "failed", "skipped"):
@@ -320,7 +328,7 @@ def set_active_adapter(domain: str, version: str) -> None:
 _servers: list[Any] = []
 
 
-def start_metrics_server(port: int = 0, addr: str = "0.0.0.0") -> int:
+def start_metrics_server(port: int = 0, addr: str = "127.0.0.1") -> int:
     """Serve ``/metrics`` of the default registry from a background thread; returns the bound port.
 
     ``port=0`` picks a free port. Uses prometheus_client's own ``start_http_server``.

@@ -12,13 +12,14 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 _TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+MIN_SECRET_LEN = 16  # admin token; the control key needs twice as much
 
 
 class _Section(BaseModel):
@@ -109,9 +110,12 @@ class KafkaSettings(_Section):
 class StreamSettings(_Section):
     app_id: str = "driftrec"
     max_event_bytes: int = Field(default=64 * 1024, ge=256, le=16 * 1024 * 1024)
+    dead_letter_max_bytes: int = Field(
+        default=256 * 1024, ge=1024, le=4 * 1024 * 1024,
+        description="a dead letter keeps at most this many bytes of the rejected record (base64 adds a third; "
+                    "keep it well under the broker's message size limit), saying when it truncated")
     max_future_skew_s: float = Field(default=300.0, ge=0, description="reject events timed further in the future")
     min_event_time: float = Field(default=631152000.0, description="reject events older than this unix time (1990)")
-    web_port: int = Field(default=0, ge=0, lt=65536, description="Faust worker web/metrics port (0 = any free)")
     data_dir: Path = Path(".driftrec/streams")
     table_store: Literal["memory", "rocksdb"] = "rocksdb"
     batch_size: int = Field(default=5000, ge=1, le=100_000,
@@ -173,11 +177,13 @@ class ModelSettings(_Section):
 
 
 class ScorerSettings(_Section):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, hide_input_in_errors=True)  # a secret inside
     host: str = "127.0.0.1"
     port: int = Field(default=8088, ge=0, lt=65536)
     url: str = Field(default="", description="scorer base URL for clients; empty = http://host:port")
     timeout_s: float = Field(default=0.5, gt=0, le=60)
-    admin_token: str = Field(default="", description="required for admin endpoints; empty = admin disabled")
+    admin_token: SecretStr | None = Field(
+        default=None, description="bearer token for the admin endpoints (at least 16 characters); unset = admin disabled")
     max_request_bytes: int = Field(default=256 * 1024, ge=1024, le=64 * 1024 * 1024)
     max_candidates: int = Field(default=2000, ge=1, le=100_000)
     max_k: int = Field(default=100, ge=1, le=10_000)
@@ -186,6 +192,16 @@ class ScorerSettings(_Section):
     @property
     def base_url(self) -> str:
         return self.url.rstrip("/") if self.url else f"http://{self.host}:{self.port}"
+
+    @field_validator("admin_token", mode="before")
+    @classmethod
+    def _token(cls, v: Any) -> Any:
+        raw = v.get_secret_value() if isinstance(v, SecretStr) else v
+        if raw is None or (isinstance(raw, str) and not raw.strip()):
+            return None
+        if not isinstance(raw, str) or len(raw.strip()) < MIN_SECRET_LEN:
+            raise ValueError(f"scorer.admin_token must be at least {MIN_SECRET_LEN} characters")
+        return SecretStr(raw.strip())
 
 
 class TrainerSettings(_Section):
@@ -224,6 +240,31 @@ class TrainerSettings(_Section):
 
 class MetricsSettings(_Section):
     port: int = Field(default=9108, ge=0, lt=65536, description="Prometheus exposition port for workers")
+    host: str = Field(default="127.0.0.1",
+                      description="address the workers' /metrics binds; 0.0.0.0 to let a Prometheus elsewhere scrape")
+
+
+class SecuritySettings(_Section):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, hide_input_in_errors=True)  # a secret inside
+    control_key: SecretStr | None = Field(
+        default=None,
+        description="HMAC-SHA256 key (at least 32 characters) that signs adapter activate/rollback messages on "
+        "the adapters topic; unset = scorers act on no Kafka control message (the adapter directory is watched)")
+    control_max_age_s: float = Field(default=600.0, gt=0, le=86400,
+                                     description="older signed control messages are refused (replay protection)")
+
+    @field_validator("control_key", mode="before")
+    @classmethod
+    def _key(cls, v: Any) -> Any:
+        raw = v.get_secret_value() if isinstance(v, SecretStr) else v
+        if raw is None or (isinstance(raw, str) and not raw.strip()):
+            return None
+        if not isinstance(raw, str) or len(raw.strip()) < 2 * MIN_SECRET_LEN:
+            raise ValueError(f"security.control_key must be at least {2 * MIN_SECRET_LEN} characters")
+        return SecretStr(raw.strip())
+
+    def control_key_bytes(self) -> bytes | None:
+        return None if self.control_key is None else self.control_key.get_secret_value().encode()
 
 
 class Settings(BaseSettings):
@@ -234,6 +275,7 @@ class Settings(BaseSettings):
         env_nested_delimiter="__",
         extra="forbid",
         validate_assignment=True,
+        hide_input_in_errors=True,  # errors name the field and the rule, never the value (secrets)
     )
 
     kafka: KafkaSettings = KafkaSettings()
@@ -244,6 +286,7 @@ class Settings(BaseSettings):
     scorer: ScorerSettings = ScorerSettings()
     trainer: TrainerSettings = TrainerSettings()
     metrics: MetricsSettings = MetricsSettings()
+    security: SecuritySettings = SecuritySettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @classmethod
@@ -256,6 +299,14 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings, _YamlSource(settings_cls))
+
+    #: secret fields: ``dump_without_secrets`` leaves them out (a dump would hold "**********" instead)
+    SECRETS: ClassVar[dict[str, Any]] = {"scorer": {"admin_token"}, "security": {"control_key"}}
+
+    def dump_without_secrets(self) -> str:
+        """These settings as JSON for a child process, secrets left out: ``Settings(**json)`` in the child
+        takes them from its environment (or leaves them unset), never as the masked placeholder."""
+        return self.model_dump_json(exclude=self.SECRETS)
 
     @classmethod
     def load(cls, config: str | Path | None = None, **overrides: Any) -> "Settings":

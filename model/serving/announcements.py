@@ -2,7 +2,10 @@
 
 Every scorer replica must apply every announcement, so the consumer uses no consumer group and
 starts at the end of the topic (on start-up the scorer has already scanned the adapter directory).
-Malformed announcements are logged and skipped; the directory watcher remains the fallback path.
+Only signed, recent, never-seen announcements are acted on (:mod:`driftrec.core.signing`); the others
+(malformed, unsigned, forged, stale, replayed) are logged, counted in
+``driftrec_control_messages_rejected_total{reason}`` and skipped. The directory watcher remains the
+fallback path.
 """
 
 from __future__ import annotations
@@ -10,7 +13,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from typing import Any, AsyncIterable
+
+from driftrec.core import metrics
+from driftrec.core.signing import Rejected, Verifier
 
 from driftrec.model.adapters import valid_name
 from driftrec.core.contracts import AdapterAnnouncement
@@ -20,13 +27,21 @@ log = logging.getLogger(__name__)
 MAX_ANNOUNCEMENT_BYTES = 64 * 1024
 
 
-def parse_announcement(raw: bytes | str) -> AdapterAnnouncement:
-    """Decode and validate one adapters-topic message (wire JSON). Raises ValueError."""
+def decode(raw: bytes | str) -> dict:
     if isinstance(raw, bytes):
         if len(raw) > MAX_ANNOUNCEMENT_BYTES:
             raise ValueError("announcement too large")
         raw = raw.decode("utf-8")
     data = json.loads(raw)
+    if not isinstance(data, dict):
+        raise ValueError("not an adapter announcement")
+    return data
+
+
+def parse_announcement(raw: bytes | str | dict, verifier: Verifier | None = None, now: float | None = None) -> AdapterAnnouncement:
+    """Decode and validate one adapters-topic message (wire JSON). Raises ValueError
+    (:class:`~driftrec.core.signing.Rejected` when ``verifier`` refuses it)."""
+    data = raw if isinstance(raw, dict) else decode(raw)
     if not isinstance(data, dict) or data.get("type", "adapter") != "adapter":
         raise ValueError("not an adapter announcement")
     domain, version = data.get("domain"), data.get("version")
@@ -47,16 +62,26 @@ def parse_announcement(raw: bytes | str) -> AdapterAnnouncement:
         version=str(version or ""),
         path=path,
         action=action,
-    )
+    ) if verifier is None else _verified(data, verifier, now)
 
 
-async def handle_messages(scorer: Any, values: AsyncIterable[bytes]) -> int:
-    """Apply each announcement in ``values`` in order; returns how many were applied."""
+def _verified(data: dict, verifier: Verifier, now: float | None) -> AdapterAnnouncement:
+    verifier.check(data, time.time() if now is None else now)
+    return parse_announcement(data)
+
+
+async def handle_messages(scorer: Any, values: AsyncIterable[bytes], verifier: Verifier) -> int:
+    """Apply each acceptable announcement in ``values`` in order; returns how many were applied."""
     applied = 0
     async for value in values:
         try:
-            ann = parse_announcement(value)
+            ann = parse_announcement(value, verifier)
+        except Rejected as exc:
+            metrics.CONTROL_REJECTED.labels(reason=exc.reason).inc()
+            log.error("not acting on an adapter announcement (%s): %s", exc.reason, exc)
+            continue
         except (ValueError, UnicodeDecodeError) as exc:
+            metrics.CONTROL_REJECTED.labels(reason="malformed").inc()
             log.error("skipping malformed adapter announcement: %s", exc)
             continue
         if await scorer.on_announcement(ann):
@@ -92,7 +117,8 @@ async def consume_adapter_announcements(settings: Any, scorer: Any, bootstrap: s
             yield msg.value
 
     try:
-        await handle_messages(scorer, values())
+        sec = settings.security
+        await handle_messages(scorer, values(), Verifier(sec.control_key_bytes(), sec.control_max_age_s))
     except asyncio.CancelledError:
         raise
     finally:

@@ -43,6 +43,7 @@ from typing import Any
 from aiohttp import web
 
 from driftrec.core import metrics
+from driftrec.core.validation import MAX_ID_LEN
 from driftrec.model.adapters import CheckpointError, valid_name
 from driftrec.model.base import Scorer, ScoreResult, UserContext
 from driftrec.model.serving.batcher import MicroBatcher, QueueFull
@@ -118,7 +119,7 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     return body
 
 
-def _opt_str(body: dict, name: str, max_len: int = 256) -> str | None:
+def _opt_str(body: dict, name: str, max_len: int = MAX_ID_LEN) -> str | None:
     value = body.get(name)
     if value is None:
         return None
@@ -140,7 +141,7 @@ def _id_list(body: dict, name: str, limit: int) -> list[str] | None:
 
 def _domain(app: web.Application, body: dict) -> str:
     scorer = app[SCORER_KEY]
-    domain = _opt_str(body, "domain", 128) or app[SETTINGS_KEY].model.default_domain
+    domain = _opt_str(body, "domain") or app[SETTINGS_KEY].model.default_domain
     if not valid_name(domain):
         raise BadRequest(f"invalid domain {domain!r}")
     if isinstance(scorer, LMScorer) and scorer.snapshot(domain) is None:
@@ -165,7 +166,8 @@ def _context(app: web.Application, body: dict, *, user_required: bool) -> UserCo
 
 
 def _check_admin(request: web.Request) -> None:
-    token = request.app[SETTINGS_KEY].scorer.admin_token
+    secret = request.app[SETTINGS_KEY].scorer.admin_token
+    token = secret.get_secret_value() if secret is not None else ""
     if not token:
         raise web.HTTPForbidden(
             text=json.dumps({"error": "admin endpoints are disabled: no scorer.admin_token configured"}),

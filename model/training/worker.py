@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from driftrec.core import metrics
+from driftrec.core.signing import signed
 from driftrec.model.adapters import BASE_VERSION, CheckpointError, load_checkpoint
 from driftrec.model.training.gate import Gate, ItemMatrixCache, OnlineMonitor, Publisher, RollbackPolicy, evaluate_model
 from driftrec.model.training.examples import ExampleBuilder, build_training_set, decode, interaction_from
@@ -373,6 +374,7 @@ class KafkaAnnouncer:
     def __init__(self, settings, bootstrap: str) -> None:
         self.topic = settings.topics.adapters.name
         self.bootstrap = bootstrap
+        self.key = settings.security.control_key_bytes()  # unsigned without a key: scorers then ignore it
         self._producer = None
 
     async def start(self) -> "KafkaAnnouncer":
@@ -383,7 +385,8 @@ class KafkaAnnouncer:
         return self
 
     async def send(self, ann: AdapterAnnouncement) -> None:
-        await self._producer.send_and_wait(self.topic, json.dumps(ann.to_wire()).encode(), key=ann.domain.encode())
+        wire = signed(ann.to_wire(), self.key)
+        await self._producer.send_and_wait(self.topic, json.dumps(wire).encode(), key=ann.domain.encode())
         log.info("announced %s %s/%s on %s", ann.action, ann.domain, ann.version, self.topic)
 
     async def stop(self) -> None:

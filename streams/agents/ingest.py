@@ -39,17 +39,30 @@ def topic_types(app: "DriftrecApp") -> dict[str, str]:
     }
 
 
+MAX_KEY_BYTES = 1024
+
+
 def dead_letter(rejected: Rejected, *, topic: str, raw: bytes | None, key: bytes | None,
-                partition: int | None, offset: int | None) -> DeadLetter:
+                partition: int | None, offset: int | None, max_bytes: int = 256 * 1024) -> DeadLetter:
+    """The dead letter for a rejected record: the reason, where it came from and its bytes - at most
+    ``max_bytes`` of them, so that a huge record still makes a letter the broker accepts (a letter
+    the broker refused would stall the batch, and the same batch after every restart)."""
+    raw = raw or b""
+    kept = raw[:max_bytes]
+    reason = str(rejected)
+    if len(kept) < len(raw):
+        reason += f" [dead letter holds the first {len(kept)} of {len(raw)} bytes]"
     return DeadLetter(
         event_id=new_event_id(),
         event_time=time.time(),
-        reason=str(rejected),
+        reason=reason,
         source_topic=topic,
-        original_b64=base64.b64encode(raw or b"").decode("ascii"),
+        original_b64=base64.b64encode(kept).decode("ascii"),
         source_partition=partition,
         source_offset=offset,
-        original_key_b64=base64.b64encode(key).decode("ascii") if key is not None else None,
+        original_key_b64=base64.b64encode(key[:MAX_KEY_BYTES]).decode("ascii") if key is not None else None,
+        original_bytes=len(raw),
+        truncated=len(kept) < len(raw),
     )
 
 
@@ -66,7 +79,7 @@ def register(app: "DriftrecApp") -> None:
     async def send_dead_letters(rejections: list[tuple[Rejected, dict]]) -> list:
         futures = []
         for rej, where in rejections:
-            letter = dead_letter(rej, **where)
+            letter = dead_letter(rej, **where, max_bytes=settings.stream.dead_letter_max_bytes)
             futures.append(await dlq.send(key=letter.source_topic.encode(), value=letter.dumps()))
             metrics.DEAD_LETTERS.labels(reason=rej.reason).inc()
             etype = types.get(where["topic"], "unknown")

@@ -173,12 +173,12 @@ def test_dashboards_are_valid():
             assert 0 <= pos["x"] and pos["x"] + pos["w"] <= 24, (name, panel["title"])
             if panel["type"] == "row":
                 continue
-            assert panel["datasource"] == {"type": "prometheus", "uid": gen.DATASOURCE_UID}
+            assert panel["datasource"] == {"type": "prometheus", "uid": "${%s}" % gen.DS_VARIABLE}
             assert panel["targets"], (name, panel["title"])
             ref_ids = [t["refId"] for t in panel["targets"]]
             assert len(ref_ids) == len(set(ref_ids))
             for target in panel["targets"]:
-                assert target["datasource"]["uid"] == gen.DATASOURCE_UID
+                assert target["datasource"] == panel["datasource"]
                 assert target["expr"].strip()
                 assert "$" not in target["expr"], "keep expressions plain PromQL (no Grafana variables)"
 
@@ -199,14 +199,75 @@ def test_dashboards_cover_the_brief():
         assert needle in text["model.json"], needle
 
 
+def _datasource_refs(node, path="$"):
+    """(json path, value) of every ``datasource`` reference anywhere in a dashboard."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "datasource":
+                yield f"{path}.{key}", value
+            yield from _datasource_refs(value, f"{path}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _datasource_refs(value, f"{path}[{i}]")
+
+
+GRAFANA_BUILTIN = {"type": "grafana", "uid": "-- Grafana --"}  # the built-in annotations source
+
+
+def test_dashboards_are_importable_anywhere():
+    """__inputs + a datasource variable used everywhere + no datasource uid baked in."""
+    for name, dash in _dashboards().items():
+        [ds_input] = dash["__inputs"]
+        assert ds_input["name"] == "DS_PROMETHEUS" and ds_input["type"] == "datasource"
+        assert ds_input["pluginId"] == "prometheus"
+        required = {(r["type"], r["id"]) for r in dash["__requires"]}
+        assert {("grafana", "grafana"), ("datasource", "prometheus")} <= required, name
+        used_panels = {p["type"] for p in dash["panels"] if p["type"] != "row"}
+        assert used_panels == {i for t, i in required if t == "panel"}, name
+
+        variables = {v["name"]: v for v in dash["templating"]["list"]}
+        var = variables["datasource"]
+        assert var["type"] == "datasource" and var["query"] == "prometheus", name
+        # the import form writes the chosen datasource's uid here
+        assert var["current"]["value"] == "${DS_PROMETHEUS}", name
+        # every reference, anywhere in the JSON (panels, targets, annotations), goes through the variable
+        refs = list(_datasource_refs(dash))
+        assert len(refs) > len(dash["panels"]), name
+        for where, ref in refs:
+            if ref == GRAFANA_BUILTIN:
+                continue
+            assert ref == {"type": "prometheus", "uid": "${datasource}"}, f"{name} {where}: {ref}"
+        text = json.dumps(dash)
+        assert "${DS_PROMETHEUS}" in text and text.count("${DS_PROMETHEUS}") == 1, name
+        # the only uids: the dashboard's own, derived from its file name, and the variable / built-in refs
+        assert dash["uid"] == "driftrec-" + Path(name).stem
+        uids = set(re.findall(r'"uid": "([^"]*)"', text))
+        assert uids <= {dash["uid"], "${datasource}", "-- Grafana --"}, f"{name}: hard-coded uid(s) {uids}"
+
+
+def test_generator_writes_no_datasource_uid():
+    gen = _generator()
+    assert not hasattr(gen, "DATASOURCE_UID")
+    assert gen.DATASOURCE == {"type": "prometheus", "uid": "${datasource}"}
+    for name, build in gen.DASHBOARDS.items():
+        dash = build()
+        assert dash["uid"] == gen.UID_PREFIX + name
+        for _, ref in _datasource_refs(dash):
+            assert ref in (gen.DATASOURCE, GRAFANA_BUILTIN), (name, ref)
+
+
 def test_grafana_provisioning_matches_dashboards():
     import yaml
 
-    gen = _generator()
     ds = yaml.safe_load((PROVISIONING / "datasources" / "prometheus.yaml").read_text())
     [source] = ds["datasources"]
-    assert source["uid"] == gen.DATASOURCE_UID and source["type"] == "prometheus"
+    # provisioned, the dashboards' unresolved ${DS_PROMETHEUS} falls back to the first Prometheus
+    # datasource: keep this the only one (and the default), whatever its uid
+    assert source["type"] == "prometheus" and source["isDefault"] is True
     assert source["url"] == "http://prometheus:9090"
+    if source.get("uid"):
+        for dash in _dashboards().values():
+            assert source["uid"] not in json.dumps(dash), "the dashboards must not name the provisioned uid"
     prov = yaml.safe_load((PROVISIONING / "dashboards" / "driftrec.yaml").read_text())
     [provider] = prov["providers"]
     assert provider["type"] == "file" and provider["options"]["path"].startswith("/var/lib/grafana/dashboards")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import tomllib
 from pathlib import Path
@@ -16,6 +17,7 @@ from driftrec.testing.prometheus import promtool_binary
 REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"
 PROM_DIR = DOCKER / "prometheus"
+ALERTMANAGER_CONFIG = DOCKER / "alertmanager" / "alertmanager.yml"
 COMPOSE = DOCKER / "compose.yaml"
 DRIFTREC_SERVICES = {"worker": "worker", "trainer": "train", "scorer": "scorer"}
 
@@ -38,7 +40,7 @@ def _interpolate(value: str) -> str:
     """Compose ${VAR}, ${VAR:-default}, ${VAR:?error}: defaults kept, required values made up."""
 
     def repl(m: re.Match[str]) -> str:
-        return m.group(3) if m.group(2) else f"test-{m.group(1).lower()}"
+        return m.group(3) if m.group(2) else f"test-{m.group(1).lower()}-{'0' * 48}"  # long enough for a secret
 
     return _INTERPOLATION_RE.sub(repl, value)
 
@@ -108,8 +110,26 @@ def test_driftrec_services_configured_through_settings(compose, monkeypatch):
 
 def test_admin_token_is_not_hardcoded(compose):
     for name in DRIFTREC_SERVICES:
-        token = _env(compose["services"][name])["DRIFTREC_SCORER__ADMIN_TOKEN"]
-        assert token.startswith("${") and ":?" in token, f"{name}: admin token must come from the environment"
+        env = _env(compose["services"][name])
+        for secret in ("DRIFTREC_SCORER__ADMIN_TOKEN", "DRIFTREC_SECURITY__CONTROL_KEY"):
+            value = env[secret]
+            assert value.startswith("${") and ":?" in value, f"{name}: {secret} must come from the environment"
+
+
+def test_nothing_unauthenticated_is_published(compose):
+    """Kafka (plaintext) is not published; what is, binds the host's loopback; no default passwords,
+    no Prometheus lifecycle API; the scorer's health is its readiness."""
+    services = compose["services"]
+    assert "ports" not in services["kafka"]
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
+    assert not any("lifecycle" in arg for arg in services["prometheus"]["command"])
+    password = services["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"]
+    assert password.startswith("${") and ":?" in password, "Grafana must not fall back to a default password"
+    assert "/readyz" in " ".join(services["scorer"]["healthcheck"]["test"])
+    for name in DRIFTREC_SERVICES:
+        assert _env(services[name])["DRIFTREC_METRICS__HOST"] == "0.0.0.0"  # scraped over the compose network
 
 
 def test_scorer_reserves_an_nvidia_gpu(compose):
@@ -241,4 +261,102 @@ def test_promtool_check_rules():
 @needs_promtool
 def test_promtool_alert_unit_tests():
     result = _promtool("test", "rules", "alerts_test.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ----------------------------------------------------------------------------- Alertmanager
+
+
+def _compose_unescape(text: str) -> str:
+    return text.replace("$$", "$")
+
+
+def test_alertmanager_service(compose):
+    services = compose["services"]
+    am = services["alertmanager"]
+    assert am["image"].startswith("prom/alertmanager:v")
+    assert am["ports"] == ["127.0.0.1:9093:9093"]
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in am["volumes"]}
+    assert (DOCKER / mounts["/etc/alertmanager/alertmanager.yml"]).resolve() == ALERTMANAGER_CONFIG
+    assert "--config.file=/alertmanager/alertmanager.yml" in am["command"]
+    assert "alertmanager" in (services["prometheus"].get("depends_on") or [])
+    # the webhook URL comes from the environment, with the config file's placeholder as the default
+    url = am["environment"]["ALERTMANAGER_WEBHOOK_URL"]
+    assert url.startswith("${ALERTMANAGER_WEBHOOK_URL:-")
+    placeholder = _interpolate(url)
+    [receiver_url] = _webhook_urls(yaml.safe_load(ALERTMANAGER_CONFIG.read_text()))
+    assert placeholder == receiver_url and ".invalid" in placeholder
+    assert placeholder in am["entrypoint"][-2], "the start script must replace the file's placeholder"
+
+
+def _webhook_urls(config: dict) -> list[str]:
+    return [w["url"] for r in config["receivers"] for w in r.get("webhook_configs", [])]
+
+
+def test_alertmanager_config_has_a_default_receiver():
+    config = yaml.safe_load(ALERTMANAGER_CONFIG.read_text())
+    receivers = {r["name"]: r for r in config["receivers"]}
+    default = config["route"]["receiver"]
+    assert default in receivers and receivers[default]["webhook_configs"]
+    routes = [config["route"]]
+    while routes:
+        route = routes.pop()
+        assert route.get("receiver", default) in receivers
+        routes.extend(route.get("routes", []))
+    alerts = {r["alert"] for g in yaml.safe_load((PROM_DIR / "alerts.yml").read_text())["groups"] for r in g["rules"]}
+    for rule in config.get("inhibit_rules", []):
+        for matcher in rule["source_matchers"] + rule["target_matchers"]:
+            if matcher.startswith("alertname="):
+                assert matcher.split("=", 1)[1].strip('"') in alerts, f"inhibit rule names no alert: {matcher}"
+
+
+def test_prometheus_sends_alerts_to_alertmanager(compose):
+    config = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())
+    targets = [t for am in config["alerting"]["alertmanagers"] for sc in am["static_configs"] for t in sc["targets"]]
+    assert targets == ["alertmanager:9093"]
+    host, port = targets[0].split(":")
+    service = compose["services"][host]
+    assert any(p.endswith(f":{port}") for p in service["ports"]), "Alertmanager listens on 9093 in the container"
+
+
+@pytest.mark.skipif(shutil.which("sh") is None or shutil.which("sed") is None, reason="needs sh and sed")
+@pytest.mark.parametrize("url", ["https://hooks.example.com/alerts?a=1&b=2", "http://10.0.0.5:9000/x|y\\z", None])
+def test_alertmanager_start_script_puts_the_webhook_url_in(compose, tmp_path, url):
+    """Run the compose start script (paths redirected, Alertmanager itself replaced by `true`)."""
+    am = compose["services"]["alertmanager"]
+    assert am["entrypoint"][:2] == ["/bin/sh", "-c"]
+    script = _compose_unescape(am["entrypoint"][2])
+    assert script.count("/etc/alertmanager/alertmanager.yml") == 1
+    script = script.replace("/etc/alertmanager/alertmanager.yml", "@SOURCE@")
+    assert script.count("/alertmanager/alertmanager.yml") == 1
+    script = script.replace("/alertmanager/alertmanager.yml", str(tmp_path / "out.yml"))
+    script = script.replace("@SOURCE@", str(ALERTMANAGER_CONFIG))
+    assert "exec /bin/alertmanager" in script
+    script = script.replace("exec /bin/alertmanager", "exec true")
+    default = _interpolate(am["environment"]["ALERTMANAGER_WEBHOOK_URL"])
+    env = {"PATH": os.environ["PATH"], "ALERTMANAGER_WEBHOOK_URL": default if url is None else url}
+    result = subprocess.run(["sh", "-c", script, "alertmanager", *am["command"]], env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    rendered = yaml.safe_load((tmp_path / "out.yml").read_text())
+    assert _webhook_urls(rendered) == [default if url is None else url]
+    original = yaml.safe_load(ALERTMANAGER_CONFIG.read_text())
+    rendered["receivers"][0]["webhook_configs"][0]["url"] = _webhook_urls(original)[0]
+    assert rendered == original, "only the URL may change"
+
+
+@needs_promtool
+def test_promtool_check_config_with_alerting():
+    # promtool checks the alerting section too; a broken target list fails it
+    config = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())
+    assert config.get("alerting")
+    result = _promtool("check", "config", "prometheus.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.skipif(shutil.which("amtool") is None,
+                    reason="amtool not installed (apt-get install prometheus-alertmanager provides it)")
+def test_amtool_check_config():
+    result = subprocess.run(["amtool", "check-config", str(ALERTMANAGER_CONFIG)], capture_output=True, text=True,
+                            timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr

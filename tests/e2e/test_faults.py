@@ -20,6 +20,7 @@ from driftrec.model.evaluation.world import World
 from tests.support import (
     Proc,
     TcpProxy,
+    committed_offsets,
     env_for,
     produce_raw,
     read_json_topic,
@@ -70,6 +71,37 @@ def test_ten_thousand_malformed_events_interleaved_with_valid_ones(kafka):
         assert sum(d["reason"].startswith("unknown_item") for d in letters) == 200
         ids = [r["request_id"] for r in read_json_topic(bootstrap, t.recommendations.name, min_count=100)]
         assert sorted(set(ids)) == sorted(f"req-{i}" for i in range(100))
+    finally:
+        worker.stop()
+
+
+def test_an_oversized_record_makes_a_truncated_dead_letter_and_commits_go_on(kafka):
+    """An 800 KB record (over max_event_bytes): its dead letter keeps the first bytes and says so,
+    the broker takes the letter, and the worker commits past it and goes on (no stall)."""
+    bootstrap, settings = kafka
+    world = World(n_users=20, n_items=30, seed=3)
+    t = settings.topics
+    huge = json.dumps({"type": "click", "event_id": "huge", "event_time": time.time(), "user_id": "u1",
+                       "item_id": "i1", "padding": "x" * 800_000}).encode()
+    after = [(t.clicks.name, ev.user_id.encode(), wire(ev)) for ev in world.events(300) if ev.TYPE == "click"]
+    produce_raw(bootstrap, catalogue_records(settings, world))
+    produce_raw(bootstrap, [(t.clicks.name, b"u1", huge)])
+    produce_raw(bootstrap, after)
+    limit = settings.stream.dead_letter_max_bytes
+    worker = start_worker(settings)
+    try:
+        letters = read_json_topic(bootstrap, t.dead_letters.name, min_count=1, timeout=120)
+        assert len(letters) == 1
+        letter = letters[0]
+        assert letter["truncated"] is True and letter["original_bytes"] == len(huge)
+        assert base64.b64decode(letter["original_b64"]) == huge[:limit]
+        assert letter["reason"].startswith("oversized") and f"first {limit} of {len(huge)} bytes" in letter["reason"]
+        wait_until(lambda: worker.metric("driftrec_events_ingested_total", {"outcome": "ok"})
+                   >= len(after) + len(world.items), 120, interval=1.0, message="the events after it are ingested")
+        # every clicks record, the huge one included, is committed: nothing stalls on it
+        wait_until(lambda: sum(committed_offsets(bootstrap, settings.stream.app_id, [t.clicks.name]).values())
+                   >= len(after) + 1, 60, interval=1.0, message="commits go past the oversized record")
+        assert worker.proc.poll() is None
     finally:
         worker.stop()
 

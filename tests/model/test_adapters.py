@@ -268,3 +268,33 @@ def test_decoder_bases(kind, targets, adir, base):
     # a decoder checkpoint is refused by a BERT base
     with pytest.raises(CheckpointError):
         load_checkpoint(path, adir, base[0])
+
+
+def test_registry_state_write_failure_is_loud_and_changes_nothing(tmp_path, monkeypatch):
+    """Disk full while recording an activation: the error reaches the caller and the active version
+    stays what the disk says (it must not look promoted when it is not)."""
+    import errno
+    import os as _os
+
+    reg = AdapterRegistry(tmp_path)
+    reg.mark_active("d", "v1")
+    real_replace = _os.replace
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("driftrec.model.adapters.os.replace", full)
+    with pytest.raises(OSError, match="No space"):
+        reg.mark_active("d", "v2")
+    assert reg.active("d") == "v1" and reg.previous("d") is None
+    assert reg.mark_rolled_back("d") is None  # nothing to roll back to: nothing written
+    monkeypatch.setattr("driftrec.model.adapters.os.replace", real_replace)
+    assert AdapterRegistry(tmp_path).active("d") == "v1"
+    assert not [p for p in (tmp_path / "d").iterdir() if p.name.startswith(".")]  # no temp files left behind
+
+    def read_only(src, dst):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr("driftrec.model.adapters.os.replace", read_only)
+    reg.mark_active("d", "v3")  # a read-only replica keeps the state in memory
+    assert reg.active("d") == "v3" and reg.previous("d") == "v1"

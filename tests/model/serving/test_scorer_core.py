@@ -253,27 +253,49 @@ def test_decoder_model_folder(base, tmp_path):
 
 
 async def test_adapters_topic_messages(scorer, base, tmp_path):
+    """Only signed, recent, new announcements are acted on; the rest are counted by reason."""
     import json as _json
+    import time
 
+    from driftrec.core import metrics
+    from driftrec.core.signing import Verifier, signed
     from driftrec.model.serving.announcements import handle_messages, parse_announcement
 
+    key = b"k" * 32
     model, _ = base
     adir = tmp_path / "adapters"
     scorer.start()
     path, _ = make_adapter(model, adir, "default", "k1", seed=7)
-    good = AdapterAnnouncement(event_id="x", event_time=1.0, domain="default", version="k1", path=str(path)).to_wire()
+    now = time.time()
+    good = signed(AdapterAnnouncement(event_id="x", event_time=now, domain="default", version="k1",
+                                      path=str(path)).to_wire(), key)
     with pytest.raises(ValueError):
         parse_announcement(b'{"type": "adapter", "domain": "../x", "version": "k1"}')
     with pytest.raises(ValueError):
         parse_announcement(b'{"type": "click"}')
+    forged = {**good, "event_id": "y", "action": "rollback", "version": ""}  # fields changed, old signature
+    unsigned = {k: v for k, v in good.items() if k != "signature"} | {"event_id": "z"}
+    stale = signed({**good, "event_id": "old", "event_time": now - 3600}, key)
+    wrong_key = signed({**good, "event_id": "w"}, b"x" * 32)
 
-    async def messages():
-        for raw in (b"not json", _json.dumps({"domain": "default", "version": "../../etc"}).encode(),
-                    _json.dumps(good).encode()):
-            yield raw
+    def count(reason):
+        return metrics.CONTROL_REJECTED.labels(reason=reason)._value.get()
 
-    assert await handle_messages(scorer, messages()) == 1
+    before = {r: count(r) for r in ("malformed", "unsigned", "bad_signature", "stale", "replayed", "no_key")}
+
+    async def messages(*raws):
+        for raw in raws:
+            yield raw if isinstance(raw, bytes) else _json.dumps(raw).encode()
+
+    verifier = Verifier(key, max_age_s=600)
+    sent = (b"not json", {"domain": "default", "version": "../../etc"}, forged, unsigned, stale, wrong_key, good, good)
+    assert await handle_messages(scorer, messages(*sent), verifier) == 1
     assert scorer.snapshot().adapter_version == "k1"
+    after = {r: count(r) - before[r] for r in before}
+    assert after == {"malformed": 2, "unsigned": 1, "bad_signature": 2, "stale": 1, "replayed": 1, "no_key": 0}
+    # without a key nothing on the topic is acted on, however well-formed
+    assert await handle_messages(scorer, messages(good), Verifier(None)) == 0
+    assert count("no_key") - before["no_key"] == 1
 
 
 def test_catalogue_versions_and_jsonl(tmp_path):

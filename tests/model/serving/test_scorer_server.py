@@ -8,6 +8,7 @@ import json
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from driftrec.core.validation import MAX_ID_LEN
 from driftrec.model.catalogue import Catalogue
 from driftrec.model.serving.scorer import LMScorer
 from driftrec.model.serving.server import create_app
@@ -129,7 +130,7 @@ async def test_admin_auth(setup):
         assert scorer.snapshot().adapter_version == "v1"
     finally:
         await client.close()
-    settings.scorer.admin_token = ""  # admin disabled
+    settings.scorer.admin_token = None  # admin disabled
     client = await _client(settings, scorer)
     try:
         resp = await client.post("/v1/adapters/default/activate", json={"version": "v2"}, headers=ADMIN)
@@ -169,6 +170,9 @@ async def test_validation_errors(setup):
         await post("/v1/recommend", {"user_id": "u", "history": [{"rating": 3}]}, 400, "history[0]")
         await post("/v1/recommend", {"user_id": "u", "history": [{"item_id": "i1", "rating": 9}]}, 400, "rating")
         await post("/v1/score", {"history": ["i1"]}, 400, "candidates")
+        # ids: the same limit as inbound events (driftrec.core.validation.MAX_ID_LEN)
+        await post("/v1/recommend", {"user_id": "u" * (MAX_ID_LEN + 1)}, 400, "user_id")
+        await post("/v1/recommend", {"user_id": "u", "domain": "d" * (MAX_ID_LEN + 1)}, 400, "domain")
         await post("/v1/recommend", {"user_id": "u", "text": "x" * 5000}, 413, "exceeds")
         big = json.dumps({"user_id": "u", "candidates": ["i1"] * 2000}).encode()
         await post("/v1/score", big, 413, "exceeds")
@@ -190,6 +194,12 @@ async def test_items_upsert_and_queue_full(setup):
         assert resp.status == 200, await resp.text()
         resp = await client.post("/v1/items", json={"items": [{"item_id": "n2"}]}, headers=ADMIN)
         assert resp.status == 400 and "title" in (await resp.json())["error"]
+        too_long = {"item_id": "n" * (MAX_ID_LEN + 1), "title": "Too Long"}
+        resp = await client.post("/v1/items", json={"items": [too_long]}, headers=ADMIN)
+        assert resp.status == 400 and f"at most {MAX_ID_LEN}" in (await resp.json())["error"]
+        longest = {"item_id": "n" * MAX_ID_LEN, "title": "Just Fits"}
+        resp = await client.post("/v1/items", json={"items": [longest]}, headers=ADMIN)
+        assert resp.status == 200, await resp.text()
         body = await (await client.post("/v1/recommend", json={"user_id": "u", "candidates": ["n1", "i4"], "k": 2})).json()
         assert {it["item_id"] for it in body["items"]} == {"n1", "i4"}
         for _ in range(100):
