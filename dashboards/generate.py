@@ -5,7 +5,21 @@
 
 The JSON is written with sorted keys and a 2-space indent so diffs stay reviewable; edit this
 file, never the JSON. Every PromQL expression may only use metrics defined in
-``driftrec.core.metrics`` (plus ``up``): ``tests/test_observability.py`` checks it.
+``driftrec.core.metrics`` (plus ``up``): ``tests/core/test_observability.py`` checks it.
+
+Every dashboard imports into any Grafana (Dashboards > New > Import, upload the JSON):
+
+* ``__inputs`` declares one datasource input, ``DS_PROMETHEUS``: the import form asks which
+  Prometheus to use and writes its uid where ``${DS_PROMETHEUS}`` stands;
+* that place is the current value of the ``datasource`` template variable (type ``prometheus``), and
+  every panel, query and annotation names ``${datasource}``, never a datasource uid, so the
+  dashboards also switch between Prometheus servers from the variable's drop-down;
+* the compose stack provisions the same files (dashboards/provisioning): provisioning skips the
+  import step, so ``${DS_PROMETHEUS}`` stays unresolved and Grafana falls back to the first
+  Prometheus datasource, the one provisioned there;
+* a dashboard's uid is derived from its file name: ``driftrec-<name>`` (``driftrec-pipeline`` for
+  ``pipeline.json``), in driftrec's own prefix so it does not collide with other dashboards while
+  links to a dashboard stay stable across imports.
 """
 
 from __future__ import annotations
@@ -17,9 +31,13 @@ from pathlib import Path
 from typing import Any
 
 OUT_DIR = Path(__file__).resolve().parent / "grafana"
-DATASOURCE_UID = "driftrec-prometheus"
-DATASOURCE = {"type": "prometheus", "uid": DATASOURCE_UID}
+DS_INPUT = "DS_PROMETHEUS"  # the import form's datasource input
+DS_VARIABLE = "datasource"  # the template variable every panel and query reads its datasource from
+DATASOURCE = {"type": "prometheus", "uid": "${%s}" % DS_VARIABLE}
+UID_PREFIX = "driftrec-"
 DASHBOARD_TAGS = ["driftrec"]
+MIN_GRAFANA_VERSION = "10.0.0"  # schemaVersion 39
+PANEL_NAMES = {"timeseries": "Time series", "stat": "Stat", "table": "Table"}  # for __requires
 
 # Rate window for counters/histograms. Fixed (not $__rate_interval) so the expressions are plain
 # PromQL that tests can run against a real Prometheus.
@@ -35,8 +53,8 @@ def _q(q: float, metric: str, by: str = "", window: str = W_SLOW, where: str = "
 class Dashboard:
     """Lays panels out left to right on Grafana's 24-column grid, wrapping into new rows."""
 
-    def __init__(self, uid: str, title: str, description: str) -> None:
-        self.uid = uid
+    def __init__(self, name: str, title: str, description: str) -> None:
+        self.uid = UID_PREFIX + name
         self.title = title
         self.description = description
         self.panels: list[dict[str, Any]] = []
@@ -159,7 +177,23 @@ class Dashboard:
         self.panels.append(panel)
 
     def build(self) -> dict[str, Any]:
+        panel_types = sorted({p["type"] for p in self.panels if p["type"] != "row"})
         return {
+            "__inputs": [
+                {
+                    "description": "The Prometheus that scrapes driftrec's workers, trainer and scorer.",
+                    "label": "Prometheus",
+                    "name": DS_INPUT,
+                    "pluginId": "prometheus",
+                    "pluginName": "Prometheus",
+                    "type": "datasource",
+                }
+            ],
+            "__requires": [
+                {"id": "grafana", "name": "Grafana", "type": "grafana", "version": MIN_GRAFANA_VERSION},
+                {"id": "prometheus", "name": "Prometheus", "type": "datasource", "version": "1.0.0"},
+                *({"id": t, "name": PANEL_NAMES[t], "type": "panel", "version": ""} for t in panel_types),
+            ],
             "annotations": {
                 "list": [
                     {
@@ -199,7 +233,24 @@ class Dashboard:
             "refresh": "10s",
             "schemaVersion": 39,
             "tags": DASHBOARD_TAGS,
-            "templating": {"list": []},
+            "templating": {
+                "list": [
+                    {
+                        "current": {"selected": False, "text": "Prometheus", "value": "${%s}" % DS_INPUT},
+                        "hide": 0,
+                        "includeAll": False,
+                        "label": "Data source",
+                        "multi": False,
+                        "name": DS_VARIABLE,
+                        "options": [],
+                        "query": "prometheus",
+                        "refresh": 1,
+                        "regex": "",
+                        "skipUrlSync": False,
+                        "type": "datasource",
+                    }
+                ]
+            },
             "time": {"from": "now-1h", "to": "now"},
             "timepicker": {},
             "timezone": "utc",
@@ -214,7 +265,7 @@ FRESHNESS_SLO = [(None, "green"), (0.25, "red")]
 
 def pipeline() -> dict[str, Any]:
     d = Dashboard(
-        "driftrec-pipeline",
+        "pipeline",
         "driftrec / Pipeline",
         "Kafka ingest, validation, dead letters, consumer lag and online feature freshness.",
     )
@@ -296,7 +347,7 @@ def pipeline() -> dict[str, Any]:
 
 def serving() -> dict[str, Any]:
     d = Dashboard(
-        "driftrec-serving",
+        "serving",
         "driftrec / Serving",
         "LM scorer latency and traffic, recommendation fallbacks, adapters in service.",
     )
@@ -405,7 +456,7 @@ def serving() -> dict[str, Any]:
 
 def model() -> dict[str, Any]:
     d = Dashboard(
-        "driftrec-model",
+        "model",
         "driftrec / Model",
         "Online correction error and drift, training, gating, rollbacks and online quality.",
     )
@@ -469,7 +520,7 @@ def model() -> dict[str, Any]:
     return d.build()
 
 
-DASHBOARDS = {"pipeline": pipeline, "serving": serving, "model": model}
+DASHBOARDS = {"pipeline": pipeline, "serving": serving, "model": model}  # file name -> builder
 
 
 def render(dashboard: dict[str, Any]) -> str:

@@ -1,7 +1,7 @@
 """The ``driftrec`` command line.
 
 Every command reads the same settings (``--config FILE`` or ``$DRIFTREC_CONFIG``, then
-``DRIFTREC_*`` environment variables); see ``driftrec/settings.py`` and the README.
+``DRIFTREC_*`` environment variables); see ``driftrec/core/settings.py`` and the README.
 """
 
 from __future__ import annotations
@@ -134,6 +134,10 @@ def cmd_scorer(args) -> int:
 
 
 def cmd_evaluate(args, rest) -> int:
+    if "--through-stream" in rest:  # starts a broker and a worker: an entry point's job
+        from driftrec.through_stream import through_stream_main
+
+        return through_stream_main(rest)
     from driftrec.model.evaluation.prequential import evaluate_main
 
     return evaluate_main(rest)
@@ -142,13 +146,19 @@ def cmd_evaluate(args, rest) -> int:
 def cmd_bench(args, rest) -> int:
     from driftrec.bench.run import main as bench_main
 
-    return bench_main(rest)
+    return bench_main(_with_config(rest, args))
+
+
+def _with_config(rest: list[str], args) -> list[str]:
+    """A pass-through command's arguments plus the --config given before it (its own one wins)."""
+    given = any(a == "--config" or a.startswith("--config=") for a in rest)
+    return rest + (["--config", args.config] if args.config and not given else [])
 
 
 def cmd_train(args, rest) -> int:
     from driftrec.model.training.worker import train_main
 
-    return train_main(rest + (["--config", args.config] if args.config else []))
+    return train_main(_with_config(rest, args))
 
 
 def cmd_experiment(args, rest) -> int:
@@ -161,17 +171,32 @@ def cmd_experiment(args, rest) -> int:
     return experiment_main(rest)
 
 
+def _common_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    """--config and -v, accepted before the sub-command and after it (``driftrec worker --config f.yaml``).
+
+    On a sub-command the defaults are suppressed, so an option given there overrides the one given
+    before the sub-command and an absent one leaves it alone.
+    """
+    default = argparse.SUPPRESS if suppress else None
+    parser.add_argument("--config", default=default, help="YAML settings file (default: $DRIFTREC_CONFIG)")
+    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS if suppress else False,
+                        help="debug logging")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="driftrec",
         description="Streaming real-time recommender: Kafka + Faust + Feast + River around a LoRA-tuned LM scorer.",
     )
     p.add_argument("--version", action="version", version=f"driftrec {__version__}")
-    p.add_argument("--config", help="YAML settings file (default: $DRIFTREC_CONFIG)")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _common_options(p, suppress=False)
+    # The sub-commands with their own parsers (evaluate, train, experiment, bench) read their
+    # arguments themselves, --config included; the others take the common options as well.
+    common = argparse.ArgumentParser(add_help=False)
+    _common_options(common, suppress=True)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("demo", help="run the whole loop on embedded defaults over a synthetic world")
+    s = sub.add_parser("demo", parents=[common], help="run the whole loop on embedded defaults over a synthetic world")
     s.add_argument("--events", type=int, default=None, help="stop after N interaction events (default: until Ctrl-C)")
     s.add_argument("--workers", type=int, default=1, help="Faust workers to start (default 1)")
     s.add_argument("--users", type=int, default=200)
@@ -183,20 +208,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="print a summary, not every recommendation")
     s.set_defaults(func=cmd_demo)
 
-    s = sub.add_parser("broker", help="run the embedded Tansu broker in the foreground for other commands to use")
+    s = sub.add_parser("broker", parents=[common], help="run the embedded Tansu broker in the foreground for other commands to use")
     s.set_defaults(func=cmd_broker)
 
-    s = sub.add_parser("worker", help="run one Faust stream worker (ingest, features, recommendations)")
+    s = sub.add_parser("worker", parents=[common], help="run one Faust stream worker (ingest, features, recommendations)")
     s.set_defaults(func=cmd_worker)
 
-    s = sub.add_parser("produce", help="send events (JSON lines) from a file or stdin")
+    s = sub.add_parser("produce", parents=[common], help="send events (JSON lines) from a file or stdin")
     s.add_argument("file", nargs="?", default="-", help="JSON-lines file, '-' for stdin (default)")
     s.add_argument("--type", choices=["click", "rating", "item", "recommendation_request"],
                    help="event type for lines without a 'type' field")
     s.add_argument("--echo", action="store_true", help="print each sent event's event_id")
     s.set_defaults(func=cmd_produce)
 
-    s = sub.add_parser("subscribe", help="print recommendations as JSON lines as they are published")
+    s = sub.add_parser("subscribe", parents=[common], help="print recommendations as JSON lines as they are published")
     s.add_argument("--from-beginning", action="store_true", help="start at the oldest retained recommendation")
     s.add_argument("--user", help="only this user's recommendations")
     s.add_argument("--group", help="consumer group id (commits position; default: none)")
@@ -204,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, default=None, help="exit after S seconds without a recommendation")
     s.set_defaults(func=cmd_subscribe)
 
-    s = sub.add_parser("scorer", help="run the LM scorer HTTP server")
+    s = sub.add_parser("scorer", parents=[common], help="run the LM scorer HTTP server")
     s.add_argument("--host", default=None, help="bind address (default scorer.host)")
     s.add_argument("--port", type=int, default=None, help="port (default scorer.port)")
     s.add_argument("--catalogue", default=None, help="JSON-lines file of items to load before serving "
