@@ -17,7 +17,15 @@ A process runs on the other core:
 * children are forked from a fork server that has imported Feast once (:func:`_context`);
 * the child exits when the pipe closes, and dies with the worker even on SIGKILL
   (``PR_SET_PDEATHSIG``); a child that died is started again on the next write, so a failed write
-  is retried by the row sink like any other.
+  is retried by the row sink like any other;
+* every write has a deadline (``feast.write_timeout_s``, the send included): a child that does not
+  answer in time - a hung Redis, a locked SQLite file, the child itself stopped - is killed
+  (SIGKILL: it cannot come back later and write what it held), and the write fails with reason
+  ``timeout``; the row sink (:mod:`driftrec.feature_store.sink`) retries it in a new child, with
+  back-off, a bounded number of times, and then stops the worker. A killed child's write may have
+  landed in part or in full (Redis may even apply commands it received before the kill after the
+  retry); that is safe because rows are absolute values and both stores only write a row whose
+  event time is not older than the stored one.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import gc
 import logging
 import multiprocessing
 import signal
+import threading
 from typing import Sequence
 
 import orjson
@@ -36,11 +45,14 @@ from driftrec.core.settings import Settings
 from driftrec.feature_store.backends import get_backend
 from driftrec.feature_store.codec import Row
 from driftrec.feature_store.repo import open_store
-from driftrec.feature_store.writer import FeatureWriter
+from driftrec.feature_store.writer import FeatureWriter, WriteFailed
 
 log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 180.0  # importing Feast in a fresh interpreter on a loaded 2-core machine
+# A message up to this size fits the pipe's buffer (64 KiB on Linux) even when the child is not reading
+# (stopped, hung): it is sent from the loop. Larger ones are sent from a thread, so the deadline holds.
+_SEND_INLINE_MAX = 32 * 1024
 
 
 def _serve(conn, settings_json: str, store: str) -> None:  # pragma: no cover - runs in the child
@@ -94,6 +106,7 @@ class ProcessWriter(FeatureWriter):
         super().__init__(settings)
         self._proc = None
         self._conn = None
+        self._sending: threading.Event | None = None  # set when the last send from a thread is over
 
     async def _start(self) -> None:
         await asyncio.to_thread(open_store, self.settings, self.store_name)  # apply the definitions once, here
@@ -143,17 +156,58 @@ class ProcessWriter(FeatureWriter):
             if self._proc is not None:
                 log.warning("%s writer process exited (%s); starting another", self.store_name, self._proc.exitcode)
                 self._stop_child()
-            await self._spawn()
+            try:
+                await self._spawn()
+            except asyncio.TimeoutError as exc:
+                raise WriteFailed("timeout", f"a new {self.store_name} writer process did not start in "
+                                             f"{START_TIMEOUT_S:.0f} s") from exc
+            except Exception as exc:  # noqa: BLE001 - e.g. the store could not be opened
+                raise WriteFailed("writer_start", f"could not start a {self.store_name} writer process: {exc}") from exc
+        timeout = self.settings.feast.write_timeout_s
+        message = orjson.dumps([user_rows, item_rows])
         try:
-            # One write in flight (the caller serialises), so the child is reading: the send does
-            # not wait on it for long even when the message is larger than the pipe's buffer.
-            self._conn.send_bytes(orjson.dumps([user_rows, item_rows]))
-            error = await self._reply()
+            error = await asyncio.wait_for(self._exchange(message), timeout)
+        except asyncio.TimeoutError:
+            pid = self.pid
+            await asyncio.to_thread(self._kill_child)
+            raise WriteFailed("timeout", f"the {self.store_name} writer process {pid} did not answer within "
+                                         f"{timeout:g} s (feast.write_timeout_s); killed it") from None
+        except asyncio.CancelledError:
+            self._kill_child()  # its answer would otherwise be taken for the next write's
+            raise
         except (EOFError, OSError) as exc:
             self._stop_child()
-            raise RuntimeError(f"the {self.store_name} writer process went away: {exc!r}") from exc
+            raise WriteFailed("writer_exited", f"the {self.store_name} writer process went away: {exc!r}") from exc
         if error:
-            raise RuntimeError(f"{self.store_name} write failed: {error}")
+            raise WriteFailed("store_error", f"{self.store_name} write failed: {error}")
+
+    async def _exchange(self, message: bytes) -> str:
+        """Send one write, await its answer."""
+        # One write in flight (the caller serialises) and the previous answer read, so the child has
+        # read everything sent before: a small message goes into the empty pipe without blocking.
+        conn = self._conn
+        if len(message) <= _SEND_INLINE_MAX:
+            conn.send_bytes(message)
+        else:
+            sent = self._sending = threading.Event()
+
+            def send() -> None:
+                try:
+                    conn.send_bytes(message)
+                finally:
+                    sent.set()
+
+            await asyncio.to_thread(send)
+        return await self._reply()
+
+    def _kill_child(self) -> None:
+        """Kill the child at once (it may be stopped or stuck in a call), then reap it."""
+        proc, sending = self._proc, self._sending
+        if proc is not None and proc.is_alive():
+            proc.kill()
+        if sending is not None:
+            sending.wait(5)  # a send blocked on the dead child's pipe fails now; only then close its fd
+        self._stop_child()
 
     def _stop_child(self) -> None:
         conn, proc, self._conn, self._proc = self._conn, self._proc, None, None

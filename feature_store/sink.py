@@ -8,38 +8,59 @@ event falls; at a trickle every batch is written as it comes, so freshness stays
 
 Each :meth:`RowSink.submit` returns a future that is done once the rows it carried (or newer
 ones for the same entities) are readable; the stage's batch is acknowledged only after that. A
-failed write is retried with back-off, for as long as it takes: the rows are never dropped, and
-while the store is away the stage's acknowledgements - and so its offset commits - wait.
+failed write (the store refused it, the writer process died, or did not answer within
+``feast.write_timeout_s`` and was killed - :mod:`driftrec.feature_store.process`) is retried with
+back-off (:data:`RETRY_PAUSES_S`), ``feast.write_retries`` times; every failed attempt counts in
+``driftrec_feature_write_failures_total{store,reason}``. While it retries, the rows are kept and the
+stage's acknowledgements - and so its offset commits - wait. When the retries are spent the sink
+fails: the futures of everything pending (and of everything submitted later) fail, and
+``on_failure`` is called - the features stage passes the app's ``crash_soon``, so the worker stops
+with an error, its supervisor restarts it, and the uncommitted events are replayed (rows are
+re-derived from the state; nothing is lost or counted twice).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Sequence
+from typing import Callable, Sequence
 
 from driftrec.core import metrics
 from driftrec.feature_store.codec import Row
-from driftrec.feature_store.writer import FeatureWriter
+from driftrec.feature_store.writer import WRITE_FAILURE_REASONS, FeatureWriter
 
 log = logging.getLogger(__name__)
 
 RETRY_PAUSES_S = (0.1, 0.5, 1.0, 2.0, 5.0)
 
 
+class RowSinkFailed(RuntimeError):
+    """The online store could not be written within the retries: the worker must stop."""
+
+
 class RowSink:
-    def __init__(self, writer: FeatureWriter, *, user_key: str = "user_id", item_key: str = "item_id") -> None:
+    def __init__(self, writer: FeatureWriter, *, user_key: str = "user_id", item_key: str = "item_id",
+                 retries: int | None = None, on_failure: Callable[[BaseException], None] | None = None) -> None:
+        """``retries``: default ``feast.write_retries``; ``on_failure(exc)`` is called once when they are spent."""
         self.writer = writer
         self._user_key, self._item_key = user_key, item_key
         self._users: dict[str, Row] = {}
         self._items: dict[str, Row] = {}
         self._waiters: list[asyncio.Future] = []
         self._task: asyncio.Task | None = None
-        self._failures = metrics.FEATURE_WRITE_FAILURES.labels(store=writer.store_name)
+        self.retries = writer.settings.feast.write_retries if retries is None else retries
+        self.on_failure = on_failure
+        self.failed: BaseException | None = None
+        self._failures = {r: metrics.FEATURE_WRITE_FAILURES.labels(store=writer.store_name, reason=r)
+                          for r in WRITE_FAILURE_REASONS}
 
     def submit(self, user_rows: Sequence[Row], item_rows: Sequence[Row]) -> asyncio.Future:
         """Queue rows; the future is done when they are in the online store."""
         fut = asyncio.get_running_loop().create_future()
+        if self.failed is not None:  # the worker is stopping; nothing more is written or acknowledged
+            fut.set_exception(RowSinkFailed("the row sink failed earlier"))
+            fut.exception()  # the batch's acker reports it
+            return fut
         if not (user_rows or item_rows):
             fut.set_result(None)
             return fut
@@ -68,6 +89,18 @@ class RowSink:
             self._users, self._items, self._waiters = {}, {}, []
             try:
                 await self._write(users, items)
+            except RowSinkFailed as exc:  # retries spent: fail everything pending, stop the worker
+                self.failed = exc
+                waiters += self._waiters
+                self._users, self._items, self._waiters = {}, {}, []
+                for w in waiters:
+                    if not w.done():
+                        w.set_exception(exc)
+                        w.exception()
+                log.critical("%s", exc)
+                if self.on_failure is not None:
+                    self.on_failure(exc)
+                return
             except BaseException as exc:  # cancelled (shutting down): the waiters learn it
                 for w in waiters:
                     if not w.done():
@@ -82,14 +115,21 @@ class RowSink:
         while True:
             try:
                 await self.writer.write_batch(users, items)
+                if attempt:
+                    log.warning("online-store write of %d+%d rows succeeded after %d failed attempt(s)",
+                                len(users), len(items), attempt)
                 return
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - the store is away: keep the rows, try again
-                self._failures.inc()
+            except Exception as exc:  # noqa: BLE001 - the store or the writer process is away: keep the rows
+                reason = getattr(exc, "reason", "other")
+                self._failures.get(reason, self._failures["other"]).inc()
+                if attempt >= self.retries:
+                    raise RowSinkFailed(f"online-store write of {len(users)}+{len(items)} rows failed "
+                                        f"{attempt + 1} times (feast.write_retries={self.retries}), last: "
+                                        f"{exc}; stopping") from exc
                 pause = RETRY_PAUSES_S[min(attempt, len(RETRY_PAUSES_S) - 1)]
-                log_fn = log.warning if attempt < len(RETRY_PAUSES_S) else log.exception
-                log_fn("online-store write of %d+%d rows failed (attempt %d); retrying in %.1f s",
-                       len(users), len(items), attempt + 1, pause)
+                log.warning("online-store write of %d+%d rows failed (attempt %d of %d, %s: %s); retrying in %.1f s",
+                            len(users), len(items), attempt + 1, self.retries + 1, reason, exc, pause)
                 attempt += 1
                 await asyncio.sleep(pause)

@@ -27,7 +27,20 @@ from driftrec.feature_store.definitions import ITEM_VIEW, USER_VIEW
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FeatureWriter", "Row", "WriteResult"]
+__all__ = ["FeatureWriter", "Row", "WriteFailed", "WriteResult", "WRITE_FAILURE_REASONS"]
+
+# why a write failed: the ``reason`` label of ``driftrec_feature_write_failures_total`` (a fixed set)
+WRITE_FAILURE_REASONS = ("timeout", "writer_exited", "writer_start", "store_error", "other")
+
+
+class WriteFailed(RuntimeError):
+    """A write that did not land, with one of :data:`WRITE_FAILURE_REASONS`; the row sink retries it."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        if reason not in WRITE_FAILURE_REASONS:
+            raise ValueError(f"unknown write failure reason {reason!r}")
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass

@@ -2,9 +2,12 @@
 
 Writes go through :class:`Rows` (Feast's layout, one pipeline per batch), run by the worker's
 writer process (:mod:`driftrec.feature_store.process`).
-``skip_dedup: true``: the features stage is the only writer of an entity (its partition's owner)
-and writes its state in order, and a row's event time is the entity's newest event, which a late
-event does not move - Redis' default skip-older-or-equal check would drop exactly those updates.
+``skip_dedup: true``: a row's event time is the entity's newest event, which a late event does not
+move - Feast's skip-older-or-equal check would drop exactly those updates. Instead every row is
+written by a small Lua script (:data:`WRITE_IF_NOT_OLDER`, one ``EVALSHA`` per entity in the
+pipeline) that skips a row only when the stored ``_ts:<view>`` is strictly newer: after a rebalance
+the previous owner of an entity's partition may still write a row it computed earlier, and a
+killed writer process's commands can reach Redis after its retry's.
 """
 
 from __future__ import annotations
@@ -71,15 +74,51 @@ def encode_timestamp(ts: datetime) -> bytes:
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
+# KEYS[1]: the entity's hash; ARGV: ts field, ts bytes (a protobuf Timestamp), key TTL (0 = none),
+# then feature field/value pairs. Writes (HSET, the same fields and bytes Feast writes, + EXPIRE)
+# unless the stored timestamp is strictly newer; returns 1 if written, 0 if skipped.
+WRITE_IF_NOT_OLDER = """
+local function ts(b)
+  local s, n, i = 0, 0, 1
+  while i <= #b do
+    local tag = string.byte(b, i)
+    i = i + 1
+    local v, m = 0, 1
+    while true do
+      local c = string.byte(b, i)
+      if c == nil then return nil end
+      i = i + 1
+      v = v + (c % 128) * m
+      m = m * 128
+      if c < 128 then break end
+    end
+    if v >= 9223372036854775808 then v = v - 18446744073709551616 end
+    if tag == 8 then s = v elseif tag == 16 then n = v else return nil end
+  end
+  return s, n
+end
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if old then
+  local os, on = ts(old)
+  local ns, nn = ts(ARGV[2])
+  if os and ns and (os > ns or (os == ns and on > nn)) then return 0 end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2], unpack(ARGV, 4))
+if tonumber(ARGV[3]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
+return 1
+"""
+
 
 class Rows(RowStore):
     """The Redis backend's row store: Feast's layout, one pipeline per batch (blocking).
 
     A hash per entity (key: serialized entity key + project) with ``_ts:<view>`` and one
-    murmur3-keyed field per feature. ``skip_dedup`` (always on here, see the module) means Feast
+    murmur3-keyed field per feature. With ``skip_dedup`` (always on here, see the module) Feast
     writes every row unconditionally with one ``HSET`` (+ ``EXPIRE``) per entity in a
-    non-transactional pipeline; this sends the same commands with the same bytes, encoded without
-    Feast's per-row protos. Run by the writer process (:mod:`driftrec.feature_store.process`).
+    non-transactional pipeline; this runs the same ``HSET`` (+ ``EXPIRE``) with the same bytes from
+    :data:`WRITE_IF_NOT_OLDER` (skipped when the stored row is newer), encoded without Feast's per-row
+    protos. redis-py loads the script when Redis lacks it (a restarted server). Run by the writer
+    process (:mod:`driftrec.feature_store.process`).
     """
 
     def __init__(self, fs) -> None:
@@ -93,6 +132,8 @@ class Rows(RowStore):
             name = _versioned_fv_name(view, self.config)
             fields = [(_mmh3(f"{name}:{feature}"), feature, encode) for feature, encode in codec.encoders]
             self.layout.append((f"_ts:{name}".encode(), fields))
+        self._script = None
+        self.skipped = 0  # rows of the last write not written (the stored row was newer)
 
     def write(self, user_rows: Sequence[Row], item_rows: Sequence[Row]) -> None:
         config, online = self.config, self.online
@@ -105,19 +146,21 @@ class Rows(RowStore):
             return
         project = config.project.encode()
         version = config.entity_key_serialization_version
-        ttl = oc.key_ttl_seconds
-        pipe = online._get_client(oc).pipeline(transaction=False)
+        ttl = int(oc.key_ttl_seconds or 0)
+        client = online._get_client(oc)
+        if self._script is None or self._script.registered_client is not client:
+            self._script = client.register_script(WRITE_IF_NOT_OLDER)
+        script = self._script
+        pipe = client.pipeline(transaction=False)
         for (ts_key, fields), codec, rows in zip(self.layout, self.codecs, (user_rows, item_rows)):
             key_of, join_key = codec.entity_key, codec.join_key
             for row in rows:
-                name = key_of(row[join_key], version) + project
-                mapping = {ts_key: encode_timestamp(event_datetime(row))}
+                args = [ts_key, encode_timestamp(event_datetime(row)), ttl]
                 for f_key, feature, encode in fields:
-                    mapping[f_key] = encode(row[feature])
-                pipe.hset(name, mapping=mapping)
-                if ttl:
-                    pipe.expire(name=name, time=ttl)
-        pipe.execute()
+                    args.append(f_key)
+                    args.append(encode(row[feature]))
+                script(keys=[key_of(row[join_key], version) + project], args=args, client=pipe)
+        self.skipped = len(pipe) - sum(pipe.execute())
 
     def close(self) -> None:
         client = getattr(self.online, "_client", None)

@@ -56,15 +56,22 @@ def _fast_path_ok(config) -> bool:
 
 
 def upsert_statement(config, view) -> str:
-    """The upsert Feast's SQLite store runs for ``view`` (same table and columns)."""
+    """The upsert Feast's SQLite store runs for ``view`` (same table and columns), conditional on event time.
+
+    A stored row whose event time is newer than the new one's is kept: after a rebalance the previous
+    owner of an entity's partition may still write a row it computed before, and a killed writer
+    process's write can land after its retry. ``event_ts`` holds Feast's epoch seconds (an INTEGER:
+    :func:`feast_epoch`), so rows within the same second tie - and a tie writes (a late event changes
+    a row without moving its event time).
+    """
     from feast.infra.online_stores.sqlite import _quote_id, _table_id
 
-    table_name = _table_id(config.project, view, config.registry.enable_online_feature_view_versioning)
+    table = _quote_id(_table_id(config.project, view, config.registry.enable_online_feature_view_versioning))
     return (
-        f"INSERT INTO {_quote_id(table_name)} (entity_key, feature_name, value, value_text, event_ts, created_ts) "
+        f"INSERT INTO {table} (entity_key, feature_name, value, value_text, event_ts, created_ts) "
         "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(entity_key, feature_name) DO UPDATE SET "
         "value = excluded.value, value_text = excluded.value_text, event_ts = excluded.event_ts, "
-        "created_ts = excluded.created_ts;"
+        f"created_ts = excluded.created_ts WHERE excluded.event_ts >= {table}.event_ts OR {table}.event_ts IS NULL;"
     )
 
 

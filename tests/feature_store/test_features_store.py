@@ -238,3 +238,81 @@ def test_repo_config_is_replaced_atomically_under_concurrent_writers(tmp_path):
     r.join()
     assert errors == []
     assert not list(repo.glob(".*.tmp"))
+
+
+# --- writes conditional on event time (a late row from a previous partition owner) ------------------
+
+
+def _feast_read(settings, user_id, item_id):
+    from driftrec.feature_store.definitions import RANKING_SERVICE
+    from driftrec.feature_store.repo import open_store
+
+    fs = open_store(settings, None, apply=False)
+    resp = fs.get_online_features(features=fs.get_feature_service(RANKING_SERVICE), full_feature_names=True,
+                                  entity_rows=[{"user_id": user_id, "item_id": item_id}]).to_dict()
+    return {k: v[0] for k, v in resp.items()}
+
+
+async def test_an_older_row_never_overwrites_a_newer_one(store_settings):
+    """A row with an older event time (written late, e.g. by a partition's previous owner after a
+    rebalance) leaves the stored newer row as it is; a newer row still replaces an older one; Feast's
+    own reads see the kept values."""
+    t = float(int(time.time()))  # whole seconds: SQLite stores Feast's epoch seconds
+    async with create_writer(store_settings) as writer:
+        await writer.write_batch([_user("late", t, clicks=9, recent=("new",))], [_item("li", t, clicks=9)])
+        await writer.write_batch([_user("late", t - 120, clicks=4, recent=("old",))], [_item("li", t - 120, clicks=4)])
+        reader = FeatureReader(store_settings)
+        user, items = reader.get_user_and_items("late", ["li"])
+        assert (user["click_count"], user["recent_items"], user["last_event_time"]) == (9, ["new"], pytest.approx(t))
+        assert items["li"]["click_count"] == 9 and items["li"]["last_event_time"] == pytest.approx(t)
+        got = await asyncio.to_thread(_feast_read, store_settings, "late", "li")
+        assert got["user_features__click_count"] == 9 and got["item_features__click_count"] == 9
+        assert json.loads(got["user_features__recent_items"]) == ["new"]
+
+        await writer.write_batch([_user("late", t + 60, clicks=11)], [_item("li", t + 60, clicks=12)])
+        user, items = reader.get_user_and_items("late", ["li"])
+        assert user["click_count"] == 11 and items["li"]["click_count"] == 12
+        got = await asyncio.to_thread(_feast_read, store_settings, "late", "li")
+        assert got["user_features__click_count"] == 11 and got["item_features__click_count"] == 12
+        reader.close()
+
+
+async def test_conditional_write_keeps_newer_rows_within_one_batch_and_across_entities(store_settings):
+    """Per entity: in one batch some rows are older than what is stored (kept) and some newer (written)."""
+    t = float(int(time.time()))
+    async with create_writer(store_settings) as writer:
+        await writer.write_batch([_user(f"m{k}", t, clicks=100 + k) for k in range(10)], [])
+        # even entities get an older row, odd ones a newer one
+        await writer.write_batch([_user(f"m{k}", t - 30 if k % 2 == 0 else t + 30, clicks=k) for k in range(10)], [])
+        reader = FeatureReader(store_settings)
+        for k in range(10):
+            user, _ = reader.get_user_and_items(f"m{k}", [])
+            assert user["click_count"] == (100 + k if k % 2 == 0 else k), k
+        reader.close()
+
+
+def test_redis_conditional_write_compares_feasts_own_timestamps(tmp_path):
+    """The Lua script decodes the ``_ts`` field Feast itself writes: a row Feast wrote with a newer event
+    time is kept, one with an older event time is replaced."""
+    from datetime import datetime, timezone
+
+    from driftrec.feature_store.codec import USER_CODEC
+    from driftrec.feature_store.definitions import USER_VIEW
+    from driftrec.feature_store.repo import open_store
+
+    settings = _settings(tmp_path, "redis")
+    fs = open_store(settings)
+    provider = fs._get_provider()
+    t = float(int(time.time())) + 0.25
+    created = datetime.now(tz=timezone.utc)
+    provider.online_write_batch(fs.config, fs.get_feature_view(USER_VIEW),
+                                USER_CODEC.protos([_user("fa", t, clicks=50), _user("fb", t - 100, clicks=50)], created), None)
+
+    async def ours():
+        async with create_writer(settings) as writer:
+            await writer.write_batch([_user("fa", t - 0.1, clicks=1), _user("fb", t - 99.9, clicks=2)], [])
+    asyncio.run(ours())
+    reader = FeatureReader(settings)
+    assert reader.get_user_and_items("fa", [])[0]["click_count"] == 50  # Feast's newer row kept (nanos compared)
+    assert reader.get_user_and_items("fb", [])[0]["click_count"] == 2
+    reader.close()
