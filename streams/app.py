@@ -162,7 +162,8 @@ def _prime_metrics(settings: Settings, inputs: list[str]) -> None:
 
 
 def _add_consumer_lag_timer(app: DriftrecApp, inputs: list[str]) -> None:
-    """Every 5 s, export the consumer lag per input topic."""
+    """Every 5 s, export the consumer lag (read offsets) and the uncommitted records (committed offsets)
+    per input topic."""
     from driftrec.core import metrics
 
     @app.timer(interval=5.0)
@@ -170,13 +171,19 @@ def _add_consumer_lag_timer(app: DriftrecApp, inputs: list[str]) -> None:
         """Messages behind the high watermark on this worker's partitions, per input topic."""
         consumer = app.consumer
         lag: dict[str, int] = {t: 0 for t in inputs}
+        uncommitted: dict[str, int] = {t: 0 for t in inputs}
+        committed_at = getattr(consumer, "_committed_offset", {})
         for tp in consumer.assignment():
             hw = consumer.highwater(tp)
+            if hw is None or tp.topic not in lag:
+                continue
             read = consumer._read_offset.get(tp)
-            if hw is not None and tp.topic in lag:
-                lag[tp.topic] += max(int(hw) - (int(read) + 1 if read is not None else 0), 0)
+            lag[tp.topic] += max(int(hw) - (int(read) + 1 if read is not None else 0), 0)
+            committed = committed_at.get(tp)  # the next offset to read after a restart (Kafka's convention)
+            uncommitted[tp.topic] += max(int(hw) - (int(committed) if committed is not None else 0), 0)
         for topic, value in lag.items():
             metrics.CONSUMER_LAG.labels(topic=topic).set(value)
+            metrics.CONSUMER_UNCOMMITTED.labels(topic=topic).set(uncommitted[topic])
 
 
 def _add_startup_heap_freeze(app: DriftrecApp) -> None:

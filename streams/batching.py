@@ -20,6 +20,13 @@ table recovery) and changes only how fetched records reach the agents that ask f
   separate acker task, so processing of the next batch overlaps the writes of the previous ones
   (at most ``max_in_flight`` batches wait). Offsets are committed by Faust's commit timer as usual:
   committed offsets imply durable outputs, which is what at-least-once needs.
+* An output that fails or hangs must not stall commits silently. An output the handler wraps in
+  :class:`Retry` (one it can issue again, idempotently: a dead letter) is re-issued with exponential
+  backoff; a batch whose outputs still failed, or are not durable within ``output_timeout_s`` of
+  its hand-over, stops the worker loudly (``app.crash_soon``: the process exits non-zero, a
+  supervisor restarts it, and everything uncommitted is replayed from the committed offsets). No
+  later batch is acknowledged meanwhile. ``driftrec_consumer_uncommitted_records`` (the app's
+  timer) shows records read but not committed, so a stall is visible before that too.
 * On a rebalance, batches still queued are dropped by Faust's flow control (their messages were
   never acknowledged, so they are fetched again from the committed offsets), and the revoke
   handler waits for the batches already taken to become durable before the partitions move on.
@@ -56,7 +63,35 @@ class MessageBatch:
         return len(self.messages)
 
 
-Handler = Callable[[MessageBatch], Awaitable[Sequence[Awaitable] | None]]
+class Retry:
+    """A batch output that can be issued again: ``make()`` issues it and completes once it is durable.
+
+    The acker re-issues it with exponential backoff when it fails (so it must be idempotent, or its
+    repeats harmless: a dead letter sent twice is two copies of one letter)."""
+
+    def __init__(self, make: Callable[[], Awaitable], what: str = "output") -> None:
+        self.make = make
+        self.what = what
+
+    async def run(self, attempts: int, backoff_s: float, name: str) -> None:
+        delay = backoff_s
+        for attempt in range(attempts + 1):
+            try:
+                await self.make()
+                return
+            except Exception as exc:  # noqa: BLE001 - retried, then reported to the acker
+                if attempt >= attempts:
+                    raise
+                from driftrec.core import metrics
+
+                metrics.OUTPUT_RETRIES.labels(agent=name).inc()
+                log.warning("%s: %s failed (%r); retry %d of %d in %.1fs", name, self.what, exc,
+                            attempt + 1, attempts, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+
+Handler = Callable[[MessageBatch], Awaitable[Sequence[Awaitable | Retry] | None]]
 
 
 class BatchRoute:
@@ -148,32 +183,54 @@ class BatchingTransport(faust_aiokafka.Transport):
 # --- agents over batches -----------------------------------------------------------------------
 
 
-class _Acker:
-    """Acknowledges batches to Faust, in order, once their outputs are durable."""
+class OutputsFailed(RuntimeError):
+    """A batch's outputs failed after their retries, or were not durable in time."""
 
-    def __init__(self, app: "faust.App", name: str, max_in_flight: int) -> None:
+
+class _Acker:
+    """Acknowledges batches to Faust, in order, once their outputs are durable.
+
+    A batch whose outputs failed (after the retries of the :class:`Retry` ones) or are still not
+    durable ``timeout_s`` after its hand-over is never acknowledged, and neither is any later one:
+    ``on_failure`` is told (the app's ``crash_soon``) so the worker stops loudly instead of running on
+    without committing."""
+
+    def __init__(self, app: "faust.App", name: str, max_in_flight: int, *, retries: int = 5,
+                 backoff_s: float = 0.5, timeout_s: float = 300.0,
+                 on_failure: Callable[[BaseException], None] | None = None) -> None:
         self.app = app
         self.name = name
+        self.retries, self.backoff_s, self.timeout_s = retries, backoff_s, timeout_s
+        self.on_failure = on_failure
+        self.failed: BaseException | None = None
         self._queue: asyncio.Queue = asyncio.Queue()
         self._slots = asyncio.Semaphore(max_in_flight)
         self._idle = asyncio.Event()
         self._idle.set()
         self._pending = 0
 
-    async def submit(self, batch: MessageBatch, durable: Sequence[Awaitable]) -> None:
+    async def submit(self, batch: MessageBatch, durable: Sequence[Awaitable | Retry]) -> None:
         await self._slots.acquire()  # back-pressure: at most max_in_flight batches not yet durable
         self._pending += 1
         self._idle.clear()
-        futures = [asyncio.ensure_future(d) for d in durable]
-        self._queue.put_nowait((batch, futures))
+        futures = [asyncio.ensure_future(d.run(self.retries, self.backoff_s, self.name) if isinstance(d, Retry) else d)
+                   for d in durable]
+        self._queue.put_nowait((batch, futures, time.monotonic() + self.timeout_s))
 
     async def run(self) -> None:
         consumer = self.app.consumer
         while True:
-            batch, futures = await self._queue.get()
+            batch, futures, deadline = await self._queue.get()
             try:
-                if futures and not await _durable(futures, self.name):
-                    continue  # not acknowledged: fetched again after the next rebalance or restart
+                if self.failed is not None:
+                    for f in futures:
+                        f.add_done_callback(_retrieve)
+                    continue  # the worker is stopping: nothing after a failed batch is acknowledged
+                if futures:
+                    error = await _durable(futures, self.name, deadline - time.monotonic())
+                    if error is not None:
+                        self._fail(error)
+                        continue  # not acknowledged: fetched again from the committed offsets
                 generation = self.app.consumer_generation_id
                 ack = consumer.ack
                 for m in batch.messages:
@@ -187,6 +244,13 @@ class _Acker:
                     self._idle.set()
                 self._slots.release()
 
+    def _fail(self, error: BaseException) -> None:
+        self.failed = error
+        log.critical("%s: a batch's outputs failed (%r); its offsets stay uncommitted and the worker stops "
+                     "(a restart replays everything uncommitted)", self.name, error)
+        if self.on_failure is not None:
+            self.on_failure(OutputsFailed(f"{self.name}: {error!r}"))
+
     async def wait_idle(self, timeout: float) -> bool:
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
@@ -195,19 +259,31 @@ class _Acker:
             return False
 
 
-async def _durable(futures: list, name: str) -> bool:
-    """Await every future; False (logged) when one failed.
+def _retrieve(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
-    The writers retry what can be retried; a batch whose outputs still failed is not acknowledged,
-    so its offsets - and every later offset of its partitions - stay uncommitted and the records
-    come back after the next rebalance or restart. The outputs are idempotent, so that is safe.
+
+async def _durable(futures: list, name: str, timeout: float | None = None) -> BaseException | None:
+    """Await every future (at most ``timeout`` s); the first error, or a TimeoutError, else None.
+
+    The writers retry what can be retried (and the acker re-issues :class:`Retry` outputs); a batch
+    whose outputs still failed is not acknowledged, so its offsets - and every later offset of its
+    partitions - stay uncommitted and the records come back after the restart. The outputs are
+    idempotent, so that is safe.
     """
+    if timeout is not None:
+        done, pending = await asyncio.wait(futures, timeout=max(timeout, 0.0))
+        if pending:
+            for f in pending:
+                f.add_done_callback(_retrieve)
+            return TimeoutError(f"{len(pending)} of {len(futures)} outputs not durable in time")
     results = await asyncio.gather(*futures, return_exceptions=True)
     errors = [r for r in results if isinstance(r, BaseException)]
     if errors:
         log.error("%s: a batch's outputs failed (%r); its offsets stay uncommitted", name, errors[0])
-        return False
-    return True
+        return errors[0]
+    return None
 
 
 def batch_agent(app: "faust.App", topics: Iterable[Any], *, name: str, handler: Handler,
@@ -228,7 +304,10 @@ def batch_agent(app: "faust.App", topics: Iterable[Any], *, name: str, handler: 
         app.batch_routes[n] = route
     for t in topics:
         app.topics.add(t)  # subscribed by the conductor like an agent's topic
-    acker = _Acker(app, name, max_in_flight)
+    stream = getattr(getattr(app, "settings", None), "stream", None)
+    acker = _Acker(app, name, max_in_flight,
+                   retries=getattr(stream, "output_retries", 5), backoff_s=getattr(stream, "output_retry_backoff_s", 0.5),
+                   timeout_s=getattr(stream, "output_timeout_s", 300.0), on_failure=getattr(app, "crash_soon", None))
     route.acker = acker  # type: ignore[attr-defined]
 
     async def run_acker() -> None:

@@ -28,6 +28,13 @@ extensions, not patches, and live with their role.
    watermarks from a fetch instead; and Tansu answers a waiting fetch only when its max wait runs
    out, while Faust hard-codes 1,500 ms, so every hop through a worker would wait that long: the
    wait is capped at :data:`TANSU_FETCH_WAIT_MS` for Faust's consumers.
+
+3. **A restarted embedded broker has an empty changelog** (:func:`apply_tansu`). Tansu keeps its
+   topics in memory: after a restart a changelog partition starts at offset 0 again, below the
+   offset the worker's local store (RocksDB, ``stream.data_dir``) says it has persisted, and Faust's
+   recovery refuses to start (``ConsistencyError``). The local store is the newer truth (the state's
+   offset marks carry the broker epoch, :mod:`driftrec.streams.state`, so its contents stay valid):
+   recovery keeps it and reads the new changelog from its start instead, with a warning.
 """
 
 from __future__ import annotations
@@ -117,6 +124,24 @@ def apply_tansu() -> None:
         return await true_end_offsets(consumer, partitions)
 
     thread_cls._highwaters = _highwaters
+
+    # a changelog that restarted below the local store's persisted offset (see the module, patch 3)
+    from faust.tables import recovery as faust_recovery
+
+    build_offsets = faust_recovery.Recovery._build_offsets
+
+    async def _build_offsets(self, consumer, tps, destination, title):
+        await build_offsets(self, consumer, tps, destination, title)
+        highwaters = self.active_highwaters if title == "active" else self.standby_highwaters
+        for tp in tps:
+            persisted, hw = destination.get(tp), highwaters.get(tp)
+            if persisted is not None and hw is not None and persisted > hw:
+                log.warning("%s: the local store has persisted offset %s, the broker's changelog ends at %s: the "
+                            "broker lost its log (a restart of the embedded broker); keeping the local state and "
+                            "reading the changelog from its start", tp, persisted, hw)
+                destination[tp] = -1
+
+    faust_recovery.Recovery._build_offsets = _build_offsets
 
     # the fetch wait, capped for Faust's consumers (see the module)
     import types

@@ -10,6 +10,16 @@ for the batch durable (changelog records acknowledged, online-store rows written
 The ingest agent acknowledges a batch's records - lets their offsets be committed - only once all
 of them have completed (:mod:`driftrec.streams.batching`), so a stage never blocks the next batch on its
 writes.
+
+**A stage that raises poisons nothing but the offending event.** A stage must leave no effect behind
+when it raises (the features stage rolls its caches back to the states before the call) and be
+idempotent by event id / source offset. So on an exception the pipeline retries the stage on the two
+halves of what it was given, recursively (in order, so an entity's events keep their order), until
+the failing events stand alone: those are rejected as ``processing`` with the stage's name and the
+exception, everything else goes on normally, and every successful call's durability awaitables are
+kept. When every event of a batch of several fails alone, the fault is not in the events (a broken
+dependency): :class:`StageFailed` is raised and the worker stops (a supervisor restarts it and the
+uncommitted records are replayed) rather than dead-letter valid events.
 """
 
 from __future__ import annotations
@@ -50,6 +60,10 @@ class StageResult:
             self.durable.extend(other.durable)
 
 
+class StageFailed(RuntimeError):
+    """A stage failed on every event of a batch on its own: not an event's fault."""
+
+
 Stage = Callable[[Sequence[Accepted]], Awaitable[StageResult | None]]
 
 
@@ -77,7 +91,8 @@ class Pipeline:
     async def dispatch(self, batch: Sequence[Accepted]) -> StageResult:
         """Run every stage over the batch; collect rejections and durability awaitables.
 
-        An event rejected by one stage is not passed to the later ones.
+        An event rejected by one stage is not passed to the later ones; an event a stage raised on
+        is isolated and rejected (see the module docstring).
         """
         result = StageResult()
         live = list(batch)
@@ -85,12 +100,38 @@ class Pipeline:
             mine = [a for a in live if reg.types is None or a.event.TYPE in reg.types]
             if not mine:
                 continue
-            out = await reg.stage(mine)
-            if out is None:
-                continue
+            out = StageResult()
+            await self._run_isolating(reg, mine, out)
             result.durable.extend(out.durable)
             if out.rejected:
                 result.rejected.extend(out.rejected)
                 gone = {id(a) for a, _ in out.rejected}
                 live = [a for a in live if id(a) not in gone]
         return result
+
+    async def _run_isolating(self, reg: _Registered, events: list[Accepted], out: StageResult) -> None:
+        failed: list[Rejection] = []
+        await self._bisect(reg, events, out, failed)
+        if failed and len(failed) == len(events) > 1:
+            raise StageFailed(f"pipeline stage {reg.name!r} failed on each of the {len(events)} events of a "
+                              f"batch alone (last: {failed[-1][1].detail})")
+        out.rejected.extend(failed)
+
+    async def _bisect(self, reg: _Registered, events: list[Accepted], out: StageResult,
+                      failed: list[Rejection]) -> None:
+        try:
+            res = await reg.stage(events)
+        except Exception as exc:  # noqa: BLE001 - isolated below; a stage leaves nothing behind when it raises
+            if len(events) == 1:
+                acc = events[0]
+                log.error("pipeline stage %r raised on event %s (%s[%d]@%d): %r", reg.name,
+                          getattr(acc.event, "event_id", "?"), acc.topic, acc.partition, acc.offset, exc)
+                failed.append((acc, Rejected("processing", f"stage {reg.name!r} raised {exc!r}"[:300])))
+                return
+            log.warning("pipeline stage %r raised on a batch of %d events (%r); isolating the event(s) at fault",
+                        reg.name, len(events), exc)
+            half = len(events) // 2
+            await self._bisect(reg, events[:half], out, failed)
+            await self._bisect(reg, events[half:], out, failed)
+            return
+        out.extend(res)

@@ -8,7 +8,14 @@ Idempotence (at-least-once delivery everywhere; no exactly-once on this broker),
 * **Redelivery, by source offset.** Every state keeps, per source partition (``c3`` = clicks
   partition 3, ``r3`` …), the highest offset it has handled. A record at or below it was handled
   before: a crash or a rebalance between the state write and the offset commit replays it
-  (*redelivered*). This is exact and costs O(partitions) per entity. The stage re-writes the state
+  (*redelivered*). This is exact and costs O(partitions) per entity. An offset means something
+  only on the broker that assigned it: a broker that lost its log (the embedded Tansu keeps topics
+  in memory) numbers a partition from 0 again. So a mark's source carries the broker's *epoch* (a
+  short hash of its cluster id; the embedded broker gets a new cluster id at every start):
+  ``c3@1f2e3d4c``. A mark of another epoch (or an old one without any, ``c3``) does not vouch for
+  offsets of this broker; it is retired when the first mark of the same partition in the new epoch
+  is set. (Records of the same broker redelivered right after an upgrade from marks without an
+  epoch are still caught by the event-id memory below.) The stage re-writes the state
   and the row of a redelivered entity (the crash may have come before they were durable); it need
   not forward the interaction again, because a user state is persisted only after its forwards to
   the item stage are acknowledged (:mod:`driftrec.streams.agents.features`).
@@ -51,8 +58,18 @@ class Verdict(enum.Enum):
     LATE = "late"                # older than the dedupe memory reaches: skipped
 
 
-def source_code(topic_code: str, partition: int) -> str:
-    return f"{topic_code}{partition}"
+def source_code(topic_code: str, partition: int, epoch: str | None = None) -> str:
+    """``c3``, or ``c3@<epoch>`` with the broker's epoch (see the module docstring)."""
+    return f"{topic_code}{partition}@{epoch}" if epoch else f"{topic_code}{partition}"
+
+
+def _set_mark(hw: dict[str, int], source: str, offset: int) -> None:
+    """``hw[source] = offset``; a new source retires the marks of the same partition in other epochs."""
+    if source not in hw:
+        base = source.partition("@")[0]
+        for old in [k for k in hw if k.partition("@")[0] == base]:
+            del hw[old]
+    hw[source] = offset
 
 
 def id_hash(event_id: str) -> int:
@@ -107,7 +124,7 @@ class UserState:
         else:
             verdict = Verdict.NEW
         if ev.offset >= 0:
-            self.hw[ev.source] = ev.offset  # this record is handled, whatever the verdict
+            _set_mark(self.hw, ev.source, ev.offset)  # this record is handled, whatever the verdict
         if verdict is not Verdict.NEW:
             return verdict
         if ev.rating is not None:  # ev.kind == RATING, without the property call
@@ -293,7 +310,7 @@ class ItemState:
         """Apply one interaction; False when it was applied before (source offset at or below hw)."""
         if d.offset <= self.hw.get(d.source, -1):
             return False
-        self.hw[d.source] = d.offset
+        _set_mark(self.hw, d.source, d.offset)
         if d.kind == RATING:
             self.rating_count += 1
             self.rating_sum += float(d.rating)

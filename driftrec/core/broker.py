@@ -18,6 +18,10 @@ Tansu quirks handled here (see docs/platform notes):
 * No idempotent producer (``InitProducerId`` v0 fails): producers use ``acks=all`` without
   idempotence; consumers are idempotent by ``event_id`` (at-least-once end to end).
 * No CreatePartitions: topics are created once, with their final partition counts.
+* Memory storage only: a restarted broker numbers every partition from offset 0 again. Each start
+  gets a new cluster id (``driftrec-<random>``), and :func:`broker_epoch` turns the cluster id into
+  the epoch the stream state keeps beside its offset marks, so offsets of a new broker are never
+  taken for redeliveries of an old one's (:mod:`driftrec.streams.state`).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import signal
 import socket
 import subprocess
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -97,6 +102,8 @@ class EmbeddedBroker:
     log_path: Path | None = None
     # Advertise another address than the listener (e.g. a proxy in front of it, for fault tests).
     advertised_port: int | None = None
+    # A new one at every start (the broker's memory storage starts empty): see broker_epoch.
+    cluster_id: str | None = None
 
     @property
     def bootstrap_servers(self) -> str:
@@ -107,8 +114,10 @@ class EmbeddedBroker:
         if not self.port:
             self.port = free_port(self.host)
         url = f"tcp://{self.host}:{self.port}"
+        self.cluster_id = f"driftrec-{uuid.uuid4().hex[:16]}"
         cmd = [
             binary, "broker",
+            "--cluster-id", self.cluster_id,
             "--storage-engine", "memory://tansu/",
             "--listener-url", url,
             "--advertised-listener-url", f"tcp://{self.host}:{self.advertised_port or self.port}",
@@ -253,6 +262,36 @@ def broker(settings: Settings, *, start: bool = True, share: bool = False, log_p
                 if (_read_state() or {}).get("pid") == os.getpid():
                     STATE_FILE.unlink()
         emb.stop()
+
+
+# --- broker identity ---------------------------------------------------------------------------
+
+
+async def cluster_id(bootstrap: str, timeout_s: float = 10.0) -> str:
+    """The cluster id the broker reports in its metadata (Metadata v2+; '' if it reports none)."""
+    from aiokafka.client import AIOKafkaClient
+    from aiokafka.protocol.metadata import MetadataRequest
+
+    client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
+    try:
+        await asyncio.wait_for(client.bootstrap(), timeout_s)
+        node = client.get_random_node()
+        resp = await asyncio.wait_for(client.send(node, MetadataRequest([])), timeout_s)
+        return str(getattr(resp, "cluster_id", None) or "")
+    finally:
+        await client.close()
+
+
+def epoch_of(cluster: str) -> str:
+    """A short, stable tag of a cluster id (8 hex digits), kept beside every offset mark of the state."""
+    import hashlib
+
+    return hashlib.blake2b(cluster.encode(), digest_size=4).hexdigest()
+
+
+async def broker_epoch(bootstrap: str, timeout_s: float = 10.0) -> str:
+    """The epoch of the broker at ``bootstrap``: :func:`epoch_of` its cluster id."""
+    return epoch_of(await cluster_id(bootstrap, timeout_s))
 
 
 # --- end offsets -----------------------------------------------------------------------------

@@ -47,9 +47,11 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence
 import orjson
 
 from driftrec.core import metrics
+from driftrec.core.broker import broker_epoch
 from driftrec.feature_store.sink import RowSink
 from driftrec.feature_store.process import create_writer
 from driftrec.feature_store.writer import FeatureWriter
+from driftrec.streams import faults
 from driftrec.streams.batching import MessageBatch, batch_agent
 from driftrec.streams.changelog import StateStore, TableWriter
 from driftrec.core.contracts import Click, Rating
@@ -84,9 +86,13 @@ class _Persister:
     is told - the worker cannot go on without its state.
     """
 
-    def __init__(self, store: StateStore, on_failure: Callable[[BaseException], None] | None = None) -> None:
+    def __init__(self, store: StateStore, on_failure: Callable[[BaseException], None] | None = None,
+                 pending: dict[bytes, bytes] | None = None) -> None:
         self.store = store
         self.on_failure = on_failure
+        # key -> state bytes handed to persist() whose store write is not issued yet (newest wins): a
+        # cache miss reads these before the store, which lags until the batch's writes are issued
+        self.pending = pending if pending is not None else {}
         self._issued: asyncio.Future | None = None  # the previous batch's writes are issued
         self._tail: asyncio.Future | None = None  # the previous batch is durable
         self.failed: BaseException | None = None
@@ -95,6 +101,9 @@ class _Persister:
         """Write ``{partition: {key: state bytes}}`` once ``after`` and the earlier batches' writes are done."""
         prev_issued, after = self._issued, list(after)
         issued = self._issued = asyncio.get_running_loop().create_future()
+        pending = self.pending
+        for vals in values.values():
+            pending.update(vals)
 
         async def run() -> None:
             try:
@@ -109,6 +118,10 @@ class _Persister:
                 self._fail(exc)
                 issued.set_exception(exc)
                 raise
+            for vals in values.values():  # in the store now, unless a later batch changed them since
+                for key, value in vals.items():
+                    if pending.get(key) is value:
+                        del pending[key]
             issued.set_result(None)
             try:
                 if acks:
@@ -167,8 +180,12 @@ class FeaturesStage:
         crash = getattr(app, "crash_soon", None)
         self._user_persist = _Persister(self.user_store, crash)
         self._item_persist = _Persister(self.item_store, crash)
+        # the broker's epoch, part of every offset mark (driftrec.streams.state); re-read after every assignment
+        self.broker_epoch: str | None = None
+        self._epoch_stale = True
+        self._poison = faults.poison_event_id()  # a fault-injection hook (driftrec.streams.faults); None in production
         self.writer = writer or create_writer(s)
-        self.rows = RowSink(self.writer)
+        self.rows = RowSink(self.writer, on_failure=crash)  # writes failed past feast.write_retries: stop
         self.half_life = s.feast.popularity_half_life_s
         self.recent_items = s.stream.recent_items
         self.dedupe_ids = s.stream.dedupe_ids
@@ -259,22 +276,74 @@ class FeaturesStage:
         return None
 
     # -- step 1: users
+    async def ensure_epoch(self) -> None:
+        """Learn the broker's epoch (at start and after every new assignment: a restarted embedded
+        broker numbers its offsets from 0 again, and its marks must not alias the old ones)."""
+        if not self._epoch_stale:
+            return
+        bootstrap = getattr(self.app, "bootstrap_servers", None)
+        if not isinstance(bootstrap, str) or not bootstrap:
+            self._epoch_stale = False  # no broker (the stage alone, in tests): marks without an epoch
+            return
+        delay = 0.5
+        while True:
+            try:
+                epoch = await broker_epoch(bootstrap)
+                break
+            except Exception as exc:  # noqa: BLE001 - retried: without it the marks could alias
+                if self.broker_epoch is not None:
+                    log.warning("features: could not re-read the broker's epoch (%r); keeping %s", exc, self.broker_epoch)
+                    self._epoch_stale = False
+                    return
+                log.warning("features: could not read the broker's epoch (%r); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+        if epoch != self.broker_epoch:
+            log.info("features: broker epoch %s (offset marks of other epochs do not count)", epoch)
+            self.broker_epoch = epoch
+        self._epoch_stale = False
+
+    def _user_bytes(self, key: bytes, partition: int) -> bytes | None:
+        raw = self._user_persist.pending.get(key)
+        return raw if raw is not None else self.user_store.get(key, partition)
+
     async def process_interactions(self, batch: Sequence[Accepted]) -> StageResult:
+        """The user step over a batch. Atomic towards the caches: when it raises, the states it had
+        changed are dropped from the caches (the next read takes the last persisted or pending state),
+        so the pipeline can retry a subset of the batch without an event staying half-applied; the
+        outputs (forwards, persists, rows) are issued only after what can raise on an event's data (a
+        repeat of a forward is recognised by the item state's offset marks)."""
         batch = [a for a in batch if isinstance(a.event, (Click, Rating)) and a.topic in self.topic_codes]
-        result = StageResult()
         if not batch:
-            return result
-        cache = self._users
-        if len(cache) >= _CACHE_MAX:  # between batches only: touched states live in the cache until stored
-            cache.clear()
-        now = time.time()
+            return StageResult()
+        if len(self._users) >= _CACHE_MAX:  # between batches only: touched states live in the cache until stored
+            self._users.clear()
+        await self.ensure_epoch()
         known = await self._known_items(batch)
         owned = await self.local_item_partitions()
+        loaded: list[bytes] = []
+        local: list[tuple[int, ItemDelta]] = []
+        try:
+            return await self._process_interactions(batch, known, owned, loaded, local)
+        except BaseException:
+            for key in loaded:  # roll back: re-read from the pending/persisted state on the next touch
+                self._users.pop(key, None)
+            for _q, d in local:
+                self._items.pop(d.item_id.encode(), None)
+            raise
+
+    async def _process_interactions(self, batch: Sequence[Accepted], known: set[str], owned: frozenset[int],
+                                    loaded: list[bytes], local: list[tuple[int, ItemDelta]]) -> StageResult:
+        result = StageResult()
+        cache = self._users
+        now = time.time()
         touched: dict[bytes, tuple[int, str]] = {}  # user key -> (partition, user id)
         forward: dict[int, list[list]] = defaultdict(list)
         codes, recent_items, dedupe_ids = self.topic_codes, self.recent_items, self.dedupe_ids
         sources: dict[tuple[str, int], str] = {}
-        local: list[tuple[int, ItemDelta]] = []  # interactions on items whose partition is here
+        epoch = self.broker_epoch
+        skipped: dict[Verdict, int] = defaultdict(int)
+        poison = self._poison
         for acc in batch:
             ev = acc.event
             bad = self._check(ev, now, known)
@@ -288,13 +357,16 @@ class FeaturesStage:
                                 float(ev.event_time), ev.event_id, None, None,
                                 sources.get((acc.topic, acc.partition))
                                 or sources.setdefault((acc.topic, acc.partition),
-                                                      source_code(codes[acc.topic], acc.partition)),
+                                                      source_code(codes[acc.topic], acc.partition, epoch)),
                                 acc.offset)
             key = ev.user_id.encode()
             state = cache.get(key)
             if state is None:
-                state = cache[key] = UserState.loads(self.user_store.get(key, acc.partition))
+                state = cache[key] = UserState.loads(self._user_bytes(key, acc.partition))
+            loaded.append(key)
             verdict = state.apply(inter, recent_items=recent_items, dedupe_ids=dedupe_ids)
+            if poison is not None and ev.event_id == poison:
+                raise faults.InjectedFault(f"injected fault on event {poison}")
             if verdict is Verdict.NEW:
                 touched[key] = (acc.partition, ev.user_id)
                 q = item_partition(ev.item_id, self.events_partitions)
@@ -303,31 +375,40 @@ class FeaturesStage:
                 else:
                     forward[q].append(forward_record(inter))
             else:
-                self._skipped[verdict].inc()
+                skipped[verdict] += 1
                 if verdict is Verdict.REDELIVERED:
                     touched[key] = (acc.partition, ev.user_id)  # it may not have been durable yet
         if not touched:
+            self._count_skipped(skipped)
             return result
-        sends = [await self.events_topic.send(key=b"features", value=orjson.dumps({"d": deltas}), partition=p)
-                 for p, deltas in sorted(forward.items())]
-        if forward:
-            self._item_updates["forwarded"].inc(sum(map(len, forward.values())))
-        item_rows: list = []
-        if local:
-            self._item_updates["local"].inc(len(local))
-            item_values, item_rows = self._apply_items(local)
-            if item_values:
-                sends.append(self._item_persist.persist(item_values))
+        # what can raise on an event's data comes before the first output
         values: dict[int, dict[bytes, bytes]] = defaultdict(dict)
         rows = []
         for key, (partition, user_id) in touched.items():
             state = cache[key]
             values[partition][key] = state.dumps()
             rows.append(state.feature_row(user_id, self.weights_of))
+        self._count_skipped(skipped)
+        sends = [await self.events_topic.send(key=b"features", value=orjson.dumps({"d": deltas}), partition=p)
+                 for p, deltas in sorted(forward.items())]
+        if forward:
+            self._item_updates["forwarded"].inc(sum(map(len, forward.values())))
+        item_rows: list = []
+        if local:
+            # no await between applying the items and handing their bytes and rows over: the item step
+            # shares these states, and an older snapshot handed over after its newer one would win
+            item_values, item_rows = self._apply_items(local)
+            self._item_updates["local"].inc(len(local))
+            if item_values:
+                sends.append(self._item_persist.persist(item_values))
         # the user states say "applied": only once the item side of every interaction is durable
         result.durable.append(self._user_persist.persist(values, after=sends))
         result.durable.append(self.rows.submit(rows, item_rows))
         return result
+
+    def _count_skipped(self, skipped: dict) -> None:
+        for verdict, n in skipped.items():
+            self._skipped[verdict].inc(n)
 
     async def local_item_partitions(self) -> frozenset[int]:
         """The ``topics.events`` partitions whose item states the user step may update in place now.
@@ -421,7 +502,8 @@ class FeaturesStage:
             key = d.item_id.encode()
             state = cache.get(key)
             if state is None:
-                state = cache[key] = ItemState.loads(self.item_store.get(key, partition))
+                raw = self._item_persist.pending.get(key)
+                state = cache[key] = ItemState.loads(raw if raw is not None else self.item_store.get(key, partition))
             if not state.apply(d, half_life_s=half_life):
                 self._replayed.inc()  # re-written below all the same (it may not have been durable)
             touched[key] = (partition, d.item_id)
@@ -467,6 +549,7 @@ def register(app: "DriftrecApp") -> FeaturesStage:
         except asyncio.TimeoutError:
             log.warning("features: writes still pending %.0f s into a rebalance", timeout)
         stage.clear_caches()
+        stage._epoch_stale = True
 
     app.on_partitions_revoked.connect(on_rebalance)
     app.on_partitions_assigned.connect(on_rebalance)

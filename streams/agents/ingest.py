@@ -6,6 +6,22 @@ fetch at a time (:mod:`driftrec.streams.batching`). Each record is validated aga
 dead-letter topic with its original bytes, key, source position and the reason. A batch's records
 are acknowledged (their offsets may be committed) only after every stage's outputs for it and its
 dead letters are durable, so a crash redelivers rather than loses; stages are idempotent.
+
+A pipeline stage that raises on an event costs that event only (:mod:`driftrec.streams.pipeline`
+isolates it: a ``processing`` dead letter naming the stage and the exception); a stage that fails on
+every event alone is a broken dependency, not bad input, and stops the worker (nothing is
+dead-lettered, the batch is replayed after the restart).
+
+**Mis-keyed clicks and ratings are re-keyed.** A user's state lives in the partition of its events
+(the users table is co-partitioned with clicks and ratings), so a click whose record key is not its
+``user_id`` (a key-less producer, a key of the session or the item) on another partition than the
+user id's would split the user's state over partitions - and over workers. Such a record is
+produced again to its topic keyed by the user id, on the user id's partition (the default Kafka
+partitioner's), and the original is acknowledged once the broker has the copy; the copy is what the
+stages see. Re-keying rather than dead-lettering: the event is valid, only its producer's key was
+wrong, and the fix loses nothing; it is safe to repeat (a crash before the commit re-keys the
+original again, and the user's event-id memory drops the second copy as a duplicate), and a copy is
+keyed by its user id, so it is never re-keyed again. ``driftrec_events_rekeyed_total`` counts them.
 """
 
 from __future__ import annotations
@@ -17,8 +33,9 @@ from typing import TYPE_CHECKING
 
 from driftrec.core import metrics
 from driftrec.core.contracts import Click, DeadLetter, Item, Rating, RecommendationRequest, new_event_id
-from driftrec.streams.batching import MessageBatch, batch_agent
-from driftrec.streams.pipeline import Accepted, StageResult
+from driftrec.streams import faults
+from driftrec.streams.batching import MessageBatch, Retry, batch_agent
+from driftrec.streams.pipeline import Accepted, StageFailed
 from driftrec.core.validation import Limits, Rejected, validate
 
 if TYPE_CHECKING:
@@ -40,6 +57,13 @@ def topic_types(app: "DriftrecApp") -> dict[str, str]:
 
 
 MAX_KEY_BYTES = 1024
+
+
+def user_partition(user_id: str, partitions: int) -> int:
+    """The partition the default Kafka partitioner (murmur2) gives a record keyed by ``user_id``."""
+    from aiokafka.partitioner import murmur2
+
+    return (murmur2(user_id.encode()) & 0x7FFFFFFF) % partitions
 
 
 def dead_letter(rejected: Rejected, *, topic: str, raw: bytes | None, key: bytes | None,
@@ -73,14 +97,45 @@ def register(app: "DriftrecApp") -> None:
     sources = [app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
                for name in types]
     dlq = app.topic(settings.topics.dead_letters.name, key_serializer="raw", value_serializer="raw")
+    by_name = dict(zip(types, sources))
+    user_keyed = {settings.topics.clicks.name: settings.topics.clicks.partitions,
+                  settings.topics.ratings.name: settings.topics.ratings.partitions}
+    rekeyed = {Click.TYPE: metrics.EVENTS_REKEYED.labels(event_type="click"),
+               Rating.TYPE: metrics.EVENTS_REKEYED.labels(event_type="rating")}
+    dlq_failures = [faults.dead_letter_failures()]  # a fault-injection hook (driftrec.streams.faults)
     ok = {t: metrics.EVENTS_INGESTED.labels(event_type=label, outcome="ok") for t, label in _TYPE_LABEL.items()}
     seconds = metrics.AGENT_PROCESSING_SECONDS.labels(agent="ingest")
+
+    def dead_letter_output(key: bytes, value: bytes) -> Retry:
+        async def send() -> None:
+            if dlq_failures[0]:
+                dlq_failures[0] -= 1
+                raise faults.InjectedFault("injected dead-letter send failure")
+            await (await dlq.send(key=key, value=value))
+
+        return Retry(send, "a dead letter")
+
+    def rekey_output(acc: Accepted) -> Retry:
+        async def send() -> None:
+            topic = by_name[acc.topic]
+            part = user_partition(acc.event.user_id, user_keyed[acc.topic])
+            await (await topic.send(key=acc.event.user_id.encode(), value=acc.raw, partition=part))
+
+        return Retry(send, "a re-keyed event")
+
+    def misplaced(acc: Accepted) -> bool:
+        """A click or rating whose key is not its user id, on another partition than the user id's."""
+        n = user_keyed.get(acc.topic)
+        if n is None:
+            return False
+        uid = acc.event.user_id
+        return acc.key != uid.encode() and acc.partition != user_partition(uid, n)
 
     async def send_dead_letters(rejections: list[tuple[Rejected, dict]]) -> list:
         futures = []
         for rej, where in rejections:
             letter = dead_letter(rej, **where, max_bytes=settings.stream.dead_letter_max_bytes)
-            futures.append(await dlq.send(key=letter.source_topic.encode(), value=letter.dumps()))
+            futures.append(dead_letter_output(letter.source_topic.encode(), letter.dumps()))
             metrics.DEAD_LETTERS.labels(reason=rej.reason).inc()
             etype = types.get(where["topic"], "unknown")
             metrics.EVENTS_INGESTED.labels(event_type=_TYPE_LABEL.get(etype, "unknown"), outcome="dead_lettered").inc()
@@ -91,6 +146,7 @@ def register(app: "DriftrecApp") -> None:
         now = time.time()
         accepted: list[Accepted] = []
         rejections: list[tuple[Rejected, dict]] = []
+        moved: list[Retry] = []
         for msg in batch.messages:
             raw = msg.value if isinstance(msg.value, (bytes, type(None))) else bytes(msg.value)
             result = validate(raw, limits=limits, now=now, expected_type=types[msg.topic])
@@ -98,14 +154,19 @@ def register(app: "DriftrecApp") -> None:
                 rejections.append((result, dict(topic=msg.topic, raw=raw, key=msg.key, partition=msg.partition,
                                                 offset=msg.offset)))
             else:
-                accepted.append(Accepted(result, msg.topic, msg.partition, msg.offset, raw, msg.key))
+                acc = Accepted(result, msg.topic, msg.partition, msg.offset, raw, msg.key)
+                if misplaced(acc):
+                    moved.append(rekey_output(acc))
+                    rekeyed[result.TYPE].inc()
+                else:
+                    accepted.append(acc)
         try:
             outcome = await app.pipeline.dispatch(accepted)
-        except Exception as exc:  # noqa: BLE001 - a stage bug must not kill the worker
-            # Crash semantics would redeliver the same batch forever; park it instead.
-            log.exception("pipeline failed on a batch of %d events; dead-lettering them", len(accepted))
-            outcome = StageResult(rejected=[(a, Rejected("processing", f"pipeline error: {exc!r}"[:300]))
-                                            for a in accepted])
+        except StageFailed as exc:
+            # Not the events' fault (each failed alone): stop, and replay the batch after the restart.
+            log.critical("%s; stopping the worker", exc)
+            app.crash_soon(exc)
+            raise
         bad = {id(a) for a, _ in outcome.rejected}
         for acc, rej in outcome.rejected:
             rejections.append((rej, dict(topic=acc.topic, raw=acc.raw, key=acc.key, partition=acc.partition,
@@ -113,7 +174,7 @@ def register(app: "DriftrecApp") -> None:
         for acc in accepted:
             if id(acc) not in bad:
                 ok[acc.event.TYPE].inc()
-        durable = list(outcome.durable)
+        durable = list(outcome.durable) + moved
         if rejections:
             # at-least-once: the batch is acknowledged only once the broker has its dead letters
             durable.extend(await send_dead_letters(rejections))

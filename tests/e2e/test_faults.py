@@ -175,3 +175,185 @@ def test_scorer_killed_recommendations_continue_through_the_fallback(kafka):
     finally:
         worker.stop()
         scorer.stop()
+
+
+# --- hardening: a poison event, a failing output, mis-keyed records, a restarted broker ------------
+
+from driftrec.feature_store.reader import FeatureReader  # noqa: E402
+from tests.e2e.test_features_e2e import _catalogue, _events, _records, _settings, _wait_equal, ground_truth  # noqa: E402
+from tests.support import read_topic_sync  # noqa: E402
+
+
+def _truth(world, events):
+    return ground_truth(events, {it.item_id: it.genres for it in world.items})
+
+
+def test_a_poison_event_in_the_features_stage_costs_only_itself(kafka, tmp_path):
+    """The features stage raises on one event (after applying it to its user's state: half-applied):
+    only it is dead-lettered, naming the stage and the exception; the rest of its batch - its user's
+    other events included - is processed once, the features equal the truth of the other events and
+    every record's offset is committed."""
+    bootstrap, _ = kafka
+    settings = _settings(bootstrap, tmp_path)
+    world = World(n_users=20, n_items=60, seed=31)
+    events = _events(world, 1500, seed=31)
+    poison = events[700]
+    rest = [e for e in events if e is not poison]
+    assert any(e["user_id"] == poison["user_id"] for e in rest)
+    produce_raw(bootstrap, _catalogue(settings, world))
+    worker = start_worker(settings, DRIFTREC_FAULT_POISON_EVENT_ID=poison["event_id"])
+    reader = FeatureReader(settings)
+    try:
+        time.sleep(2)  # let the first fetch take the whole stream as a few big batches
+        produce_raw(bootstrap, _records(settings, events))
+        _wait_equal(reader, _truth(world, rest), 120, "features to equal the truth without the poison event", worker)
+        letters = read_json_topic(bootstrap, settings.topics.dead_letters.name, min_count=1, timeout=60)
+        assert len(letters) == 1, [d["reason"] for d in letters]
+        assert json.loads(base64.b64decode(letters[0]["original_b64"]))["event_id"] == poison["event_id"]
+        reason = letters[0]["reason"]
+        assert reason.startswith("processing") and "'features'" in reason and "InjectedFault" in reason, reason
+        assert worker.metric("driftrec_events_ingested_total", {"outcome": "ok"}) == len(rest) + len(world.items)
+        assert worker.metric("driftrec_events_ingested_total", {"outcome": "dead_lettered"}) == 1
+        t = settings.topics
+        wait_until(lambda: sum(committed_offsets(bootstrap, settings.stream.app_id,
+                                                 [t.clicks.name, t.ratings.name]).values()) == len(events),
+                   60, interval=1.0, message="every record's offset committed")
+        assert not _diff_after_settling(reader, _truth(world, rest))
+        assert worker.proc.poll() is None
+    finally:
+        worker.stop()
+        reader.close()
+
+
+def _diff_after_settling(reader, truth):
+    from tests.e2e.test_features_e2e import diff_features
+
+    time.sleep(2)
+    return diff_features(reader, truth)
+
+
+def _bad_click(settings, n=0):
+    return (settings.topics.clicks.name, b"u1", f'{{"type": "click", "event_id": "bad-{n}"}}'.encode())
+
+
+def test_a_dead_letter_that_fails_twice_is_retried_and_commits_go_on(kafka):
+    bootstrap, settings = kafka
+    settings = settings.model_copy(update={"stream": settings.stream.model_copy(update={"output_retry_backoff_s": 0.2})})
+    worker = start_worker(settings, DRIFTREC_FAULT_DEAD_LETTER_FAILURES="2")
+    try:
+        produce_raw(bootstrap, [_bad_click(settings)])
+        letters = read_json_topic(bootstrap, settings.topics.dead_letters.name, min_count=1, timeout=90)
+        assert len(letters) == 1
+        assert worker.metric("driftrec_output_retries_total", {"agent": "driftrec.ingest"}) == 2
+        wait_until(lambda: sum(committed_offsets(bootstrap, settings.stream.app_id,
+                                                 [settings.topics.clicks.name]).values()) == 1,
+                   60, interval=1.0, message="the record committed after the retries")
+        assert worker.proc.poll() is None
+    finally:
+        worker.stop()
+
+
+def test_an_output_that_keeps_failing_shows_as_uncommitted_then_stops_the_worker_loudly(kafka):
+    """Commits must not stall silently: the uncommitted-records gauge shows the stuck record while the
+    output is retried, then the worker exits non-zero (for its supervisor to restart it)."""
+    bootstrap, settings = kafka
+    settings = settings.model_copy(update={"stream": settings.stream.model_copy(
+        update={"output_retries": 4, "output_retry_backoff_s": 2.0})})  # 2+4+8+16 s of retries
+    worker = start_worker(settings, DRIFTREC_FAULT_DEAD_LETTER_FAILURES="-1")
+    try:
+        produce_raw(bootstrap, [_bad_click(settings)])
+        wait_until(lambda: worker.metric("driftrec_consumer_uncommitted_records",
+                                         {"topic": settings.topics.clicks.name}) >= 1,
+                   60, interval=0.5, message="the stuck record to show as uncommitted")
+        assert worker.metric("driftrec_consumer_lag_messages", {"topic": settings.topics.clicks.name}) == 0
+        wait_until(lambda: worker.proc.poll() is not None, 120, interval=0.5, message="the worker to stop")
+        assert worker.proc.returncode != 0
+        assert "outputs failed" in worker.output()
+        assert not committed_offsets(bootstrap, settings.stream.app_id, [settings.topics.clicks.name])
+    finally:
+        worker.stop()
+
+
+def _produce_to(bootstrap, records):
+    """(topic, key, value, partition) records, each to its given partition."""
+
+    async def main():
+        from aiokafka import AIOKafkaProducer
+
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=False)
+        await producer.start()
+        try:
+            await asyncio.gather(*[await producer.send(t, value=v, key=k, partition=p) for t, k, v, p in records])
+        finally:
+            await producer.stop()
+
+    asyncio.run(main())
+
+
+def test_mis_keyed_events_are_rekeyed_by_user_id(kafka, tmp_path):
+    """Clicks and ratings with a wrong key on a wrong partition are produced again keyed by their user
+    id on its partition; the user's state is not split: the features equal the ground truth."""
+    from driftrec.streams.agents.ingest import user_partition
+
+    bootstrap, _ = kafka
+    settings = _settings(bootstrap, tmp_path)
+    world = World(n_users=12, n_items=40, seed=41)
+    events = _events(world, 600, seed=41)
+    t = settings.topics
+    n = t.clicks.partitions
+    good, bad = [], []
+    for k, (topic, key, value) in enumerate(_records(settings, events)):
+        uid = key.decode()
+        if k % 3 == 0:
+            bad.append((topic, b"session-" + str(k).encode(), value, (user_partition(uid, n) + 1) % n))
+        else:
+            good.append((topic, key, value, user_partition(uid, n)))
+    produce_raw(bootstrap, _catalogue(settings, world))
+    worker = start_worker(settings)
+    reader = FeatureReader(settings)
+    try:
+        _produce_to(bootstrap, good + bad)
+        _wait_equal(reader, _truth(world, events), 120, "features to equal the ground truth", worker)
+        assert worker.metric("driftrec_events_rekeyed_total") == len(bad)
+        assert worker.metric("driftrec_events_ingested_total", {"outcome": "ok"}) == len(events) + len(world.items)
+        copies = [r for topic in (t.clicks.name, t.ratings.name)
+                  for r in read_topic_sync(bootstrap, topic, min_count=1, timeout=30)]
+        assert len(copies) == len(events) + len(bad)
+        for r in copies:  # every copy keyed by its user id, on its partition
+            if not r.key.startswith(b"session-"):
+                assert r.partition == user_partition(json.loads(r.value)["user_id"], n)
+    finally:
+        worker.stop()
+        reader.close()
+
+
+def test_a_restarted_embedded_broker_does_not_alias_old_offsets(tmp_path):
+    """The worker keeps its state (RocksDB) across a restart of the embedded broker, which loses its
+    topics and numbers every partition from 0 again: the new events at reused offsets are counted."""
+    port = free_port()
+    emb = EmbeddedBroker(port=port).start()
+    settings = _settings(emb.bootstrap_servers, tmp_path)
+    world = World(n_users=15, n_items=50, seed=51)
+    first, second = _events(world, 800, seed=51), _events(world, 300, seed=52)
+    reader = FeatureReader(settings)
+    try:
+        asyncio.run(create_topics(emb.bootstrap_servers, settings))
+        produce_raw(emb.bootstrap_servers, _catalogue(settings, world) + _records(settings, first))
+        w1 = start_worker(settings, name="worker-1")
+        try:
+            _wait_equal(reader, _truth(world, first), 120, "features of the first events", w1)
+        finally:
+            assert w1.stop() == 0
+        emb.stop()
+        emb = EmbeddedBroker(port=port).start()
+        asyncio.run(create_topics(emb.bootstrap_servers, settings))
+        produce_raw(emb.bootstrap_servers, _catalogue(settings, world) + _records(settings, second))
+        w2 = start_worker(settings, name="worker-2")
+        try:
+            _wait_equal(reader, _truth(world, first + second), 120, "features of both brokers' events", w2)
+            assert w2.metric("driftrec_feature_events_skipped_total", {"reason": "redelivered"}) == 0
+        finally:
+            w2.stop()
+    finally:
+        reader.close()
+        emb.stop()

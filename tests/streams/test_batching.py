@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 from faust.types import TP
 
-from driftrec.streams.batching import BatchingConsumer, BatchRoute, MessageBatch, _durable, batch_agent
+from driftrec.streams.batching import BatchingConsumer, BatchRoute, MessageBatch, Retry, _durable, batch_agent
 
 
 # --- stand-ins ---------------------------------------------------------------------------------
@@ -115,8 +115,14 @@ class _Stream:
 class _Harness:
     """One registered batch agent, its acker running and its agent consuming ``stream``."""
 
-    def __init__(self, handler, max_in_flight=64, name="test.batches"):
+    def __init__(self, handler, max_in_flight=64, name="test.batches", crash=None, **stream):
         self.app = _App()
+        if crash is not None:
+            self.app.crash_soon = crash
+        if stream:
+            self.app.settings = SimpleNamespace(stream=SimpleNamespace(
+                output_retries=stream.get("retries", 5), output_retry_backoff_s=stream.get("backoff_s", 0.5),
+                output_timeout_s=stream.get("timeout_s", 300.0)))
         self.topic = SimpleNamespace(topics=["driftrec.clicks", "driftrec.ratings"])
         self.route = batch_agent(self.app, [self.topic], name=name, handler=handler, max_in_flight=max_in_flight)
         self.stream = _Stream()
@@ -241,7 +247,9 @@ async def test_a_batch_without_outputs_is_acknowledged_right_away():
         await h.close()
 
 
-async def test_a_batch_whose_outputs_failed_is_never_acknowledged_but_later_ones_are(caplog):
+async def test_a_batch_whose_outputs_failed_is_never_acknowledged_and_stops_the_worker(caplog):
+    """A failed output must not stall commits silently: neither it nor any later batch is acknowledged
+    (a commit past it would lose it), and the app is told to crash (a supervisor restarts the worker)."""
     outputs: list[asyncio.Future] = []
 
     async def handler(batch):
@@ -249,7 +257,8 @@ async def test_a_batch_whose_outputs_failed_is_never_acknowledged_but_later_ones
         outputs.append(fut)
         return [fut]
 
-    h = _Harness(handler, name="test.fail")
+    crashed: list[BaseException] = []
+    h = _Harness(handler, name="test.fail", crash=crashed.append)
     try:
         await h.stream.q.put(_batch(0, 1))
         await h.stream.q.put(_batch(2))
@@ -257,10 +266,63 @@ async def test_a_batch_whose_outputs_failed_is_never_acknowledged_but_later_ones
         with caplog.at_level(logging.ERROR, logger="driftrec.streams.batching"):
             outputs[0].set_exception(OSError("store down"))
             outputs[1].set_result(None)
-            await _until(lambda: len(h.acked) == 1)
-        assert [m.offset for m in h.acked] == [2]
+            await _until(lambda: len(crashed) == 1)
+            await _settle(50)
+        assert h.acked == []
+        assert "store down" in repr(crashed[0])
         assert "test.fail: a batch's outputs failed" in caplog.text
-        assert "store down" in caplog.text
+    finally:
+        await h.close()
+
+
+async def test_a_retryable_output_is_reissued_with_backoff_then_the_batch_is_acknowledged():
+    attempts = []
+
+    async def flaky():
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise OSError("broker said no")
+
+    async def handler(batch):
+        return [Retry(flaky, "a dead letter")]
+
+    crashed: list[BaseException] = []
+    h = _Harness(handler, name="test.retry", crash=crashed.append, retries=3, backoff_s=0.01)
+    try:
+        await h.stream.q.put(_batch(0))
+        await _until(lambda: len(h.acked) == 1)
+        assert len(attempts) == 3 and not crashed
+    finally:
+        await h.close()
+
+
+async def test_a_retryable_output_that_keeps_failing_stops_the_worker():
+    async def broken():
+        raise OSError("broker said no")
+
+    async def handler(batch):
+        return [Retry(broken)]
+
+    crashed: list[BaseException] = []
+    h = _Harness(handler, name="test.giveup", crash=crashed.append, retries=2, backoff_s=0.01)
+    try:
+        await h.stream.q.put(_batch(0))
+        await _until(lambda: len(crashed) == 1)
+        assert h.acked == [] and "broker said no" in repr(crashed[0])
+    finally:
+        await h.close()
+
+
+async def test_an_output_stuck_past_the_timeout_stops_the_worker():
+    async def handler(batch):
+        return [asyncio.get_running_loop().create_future()]  # never done
+
+    crashed: list[BaseException] = []
+    h = _Harness(handler, name="test.stuck", crash=crashed.append, timeout_s=0.1)
+    try:
+        await h.stream.q.put(_batch(0))
+        await _until(lambda: len(crashed) == 1)
+        assert h.acked == [] and "not durable in time" in repr(crashed[0])
     finally:
         await h.close()
 
@@ -369,12 +431,14 @@ async def test_durable_reports_failure_when_any_output_failed():
     ok1, ok2 = loop.create_future(), loop.create_future()
     ok1.set_result(1)
     ok2.set_result(2)
-    assert await _durable([ok1, ok2], "n") is True
+    assert await _durable([ok1, ok2], "n") is None
     bad = loop.create_future()
     bad.set_exception(ValueError("x"))
     ok3 = loop.create_future()
     ok3.set_result(3)
-    assert await _durable([ok3, bad], "n") is False
+    assert isinstance(await _durable([ok3, bad], "n"), ValueError)
+    stuck = loop.create_future()
+    assert isinstance(await _durable([stuck], "n", timeout=0.05), TimeoutError)
 
 
 async def test_route_delivery_waits_for_a_subscriber():

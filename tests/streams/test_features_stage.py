@@ -411,3 +411,79 @@ async def test_row_sink_retries_until_the_store_is_back(stage, monkeypatch):
     done = stage.rows.submit([{"user_id": "u7", "last_event_time": 1.0}], [])
     await asyncio.wait_for(done, 2)
     assert calls == [1, 1, 1] and stage.writer.users["u7"]["last_event_time"] == 1.0
+
+
+# --- a stage exception isolates the event at fault ------------------------------------------------
+
+
+async def test_a_poison_event_is_isolated_and_the_rest_applied_once(stage):
+    """The stage raises on one event after applying it (half-applied); the pipeline retries halves
+    until it stands alone: only it is rejected (naming the stage and the exception), the others -
+    its user's included - are applied exactly once, also over a state whose persist is still pending."""
+    from driftrec.streams.pipeline import Pipeline
+
+    now = time.time()
+    # a first batch whose user state is persisted only once its forwards are acknowledged: pending
+    stage.app.events.auto_ack = False
+    first = await stage.process_interactions([_acc(Click(event_id="p0", event_time=now - 20, user_id="u1",
+                                                        item_id="i0"), 0)])
+    assert stage.user_store.get(b"u1", 1) is None and b"u1" in stage._user_persist.pending
+    stage.app.events.auto_ack = True
+    stage._poison = "bad"
+    pipe = Pipeline()
+    pipe.register("features", stage.process_interactions)
+    events = [_acc(Click(event_id=f"e{k}", event_time=now - 10 + k, user_id=f"u{k % 2}", item_id=f"i{k % 5}"), 1 + k)
+              for k in range(9)]
+    events.insert(4, _acc(Click(event_id="bad", event_time=now - 5, user_id="u1", item_id="i3"), 50))
+    result = await pipe.dispatch(events)
+    stage.app.events.ack_all()
+    await asyncio.gather(*first.durable, *result.durable)
+    assert [(a.event.event_id, r.reason) for a, r in result.rejected] == [("bad", "processing")]
+    assert "'features'" in result.rejected[0][1].detail and "InjectedFault" in result.rejected[0][1].detail
+    u1, u0 = UserState.loads(stage.user_store.get(b"u1", 1)), UserState.loads(stage.user_store.get(b"u0", 1))
+    assert u1.click_count == 1 + 4 and u0.click_count == 5  # p0 + e1,e3,e5,e7 ; e0,e2,e4,e6,e8
+    assert stage.writer.users["u1"]["click_count"] == 5
+    forwarded = [d for _, ds in stage.app.events.sent for d in ds]
+    msgs = _forwarded_messages(stage)
+    await asyncio.gather(*await stage.process_item_messages(msgs))
+    assert sum(stage.writer.items[i]["click_count"] for i in stage.writer.items) == 10
+    assert len({(d[4], d[5]) for d in forwarded}) == 10  # the poison event never reached the items
+
+
+async def test_a_stage_failing_on_every_event_alone_is_not_the_events_fault():
+    from driftrec.streams.pipeline import Pipeline, StageFailed
+
+    async def broken(batch):
+        raise OSError("store down")
+
+    pipe = Pipeline()
+    pipe.register("broken", broken)
+    now = time.time()
+    with pytest.raises(StageFailed):
+        await pipe.dispatch([_acc(Click(event_id=f"e{k}", event_time=now, user_id="u", item_id="i1"), k)
+                             for k in range(4)])
+
+
+def test_offset_marks_of_another_broker_epoch_do_not_alias():
+    from driftrec.core.interactions import Interaction
+    from driftrec.streams.state import source_code
+
+    def ev(eid, offset, epoch):
+        return Interaction("u", "i1", None, 100.0 + offset, eid, None, None, source_code("c", 3, epoch), offset)
+
+    old = UserState()
+    assert old.apply(ev("a", 5, None)).value == "new"  # a state written before epochs existed
+    state = UserState.loads(old.dumps())
+    assert state.hw == {"c3": 5}
+    assert state.apply(ev("b", 0, "e1")).value == "new"  # offset 0 of a new broker: not a redelivery
+    assert state.hw == {"c3@e1": 0}  # the old mark is retired
+    assert state.apply(ev("b", 0, "e1")).value == "redelivered"
+    assert state.apply(ev("c", 0, "e2")).value == "new"
+    assert UserState.loads(state.dumps()).hw == {"c3@e2": 0}
+    item = ItemState()
+    from driftrec.streams.state import ItemDelta
+
+    assert item.apply(ItemDelta("i1", "click", None, 1.0, "c3", 7), half_life_s=60)
+    assert item.apply(ItemDelta("i1", "click", None, 2.0, "c3@e1", 0), half_life_s=60)
+    assert not item.apply(ItemDelta("i1", "click", None, 2.0, "c3@e1", 0), half_life_s=60)
+    assert item.hw == {"c3@e1": 0} and item.click_count == 2
