@@ -1,4 +1,5 @@
-"""The model's seams, one abstract base each: :class:`Scorer`, :class:`CandidateSource`, :class:`Corrector`.
+"""The model's seams, one abstract base each: :class:`Scorer`, :class:`CandidateSource`, :class:`Corrector`,
+:class:`ItemSequenceModel`.
 
 A scorer turns a user context (who, what they did recently, optional free text) and a list of candidate
 item ids into one score per candidate, and says which model and adapter produced the scores. The
@@ -261,3 +262,32 @@ class Corrector(ABC):
 
     def on_drift(self, callback: Callable[[DriftEvent], None]) -> None:
         self.monitor.on_drift(callback)
+
+
+# ------------------------------------------------------------------------------ knowledge model
+
+
+class ItemSequenceModel(ABC):
+    """Scores every catalogue item for a user from the user's item sequence: the knowledge model the
+    ranking policy fuses (item representations from the LM's text and the graph's entities).
+
+    Item ids are the catalogue's; items the model has not seen in training are scored from their content
+    once :meth:`add_items` has told it about them.
+    """
+
+    version: str = ""
+
+    @abstractmethod
+    def knows(self, item_id: str) -> bool: ...
+
+    @abstractmethod
+    def add_items(self, items: Sequence[Any]) -> None:
+        """Make new catalogue items (:class:`~driftrec.core.contracts.Item`) scorable."""
+
+    @abstractmethod
+    def score_items(self, history: Sequence[str], ratings: Sequence[float | None], item_ids: Sequence[str]) -> np.ndarray:
+        """Scores of ``item_ids`` for a user whose interactions (oldest first) were ``history``."""
+
+    def text_vectors(self, item_ids: Sequence[str] | None = None) -> np.ndarray | None:
+        """L2-normalised LM text vectors of ``item_ids`` (None: the model has no text part)."""
+        return None

@@ -258,7 +258,3 @@ class LoopRanker(Ranker):
             self.shown.popitem(last=False)
         return Ranked(items=items, fallback=False, model_version=lm.model_version,
                       adapter_version=lm.adapter_version, domain=lm.domain)
-
-
-def build_ranker(app: "DriftrecApp") -> Ranker:
-    return LoopRanker(app)

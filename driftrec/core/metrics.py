@@ -108,6 +108,28 @@ CONSUMER_LAG = Gauge(
     ["topic"],
 )
 
+CONSUMER_UNCOMMITTED = Gauge(
+    "driftrec_consumer_uncommitted_records",
+    "Records between the group's committed offset and the high watermark, summed over the partitions "
+    "this worker owns, by topic: read-but-unacknowledged records included, so a batch whose outputs never "
+    "become durable (commits stalled) shows here while the read-offset lag stays low.",
+    ["topic"],
+)
+
+OUTPUT_RETRIES = Counter(
+    "driftrec_output_retries_total",
+    "Batch outputs re-issued after a failure (dead letters), by batch agent; the worker stops once "
+    "the retries are spent.",
+    ["agent"],
+)
+
+EVENTS_REKEYED = Counter(
+    "driftrec_events_rekeyed_total",
+    "Clicks and ratings found on another partition than their user id's (a record key that is not the "
+    "user id) and re-produced keyed by the user id, by event type.",
+    ["event_type"],
+)
+
 # ------------------------------------------------------------------------------- feature store
 
 FEATURE_FRESHNESS_SECONDS = Histogram(
@@ -148,8 +170,11 @@ FEATURE_ITEM_UPDATES = Counter(
 )
 FEATURE_WRITE_FAILURES = Counter(
     "driftrec_feature_write_failures",
-    "Online-store writes that failed (the rows are retried with the next batch), by store.",
-    ["store"],
+    "Online-store write attempts that failed (the rows are retried with back-off, then the worker stops), "
+    "by store and reason (timeout = the writer process did not answer within feast.write_timeout_s and "
+    "was killed, writer_exited = it died, writer_start = a new one could not start, store_error = the "
+    "store refused the write, other).",
+    ["store", "reason"],
 )
 
 # ------------------------------------------------------------------------------------- serving
@@ -189,6 +214,11 @@ FALLBACKS = Counter(
     "Recommendations served without the LM scorer, by reason "
     "(scorer_timeout/scorer_error/scorer_unavailable/no_features/cold_start).",
     ["reason"],
+)
+RANKING_OBSERVED = Counter(
+    "driftrec_ranking_observed",
+    "Interactions (clicks and ratings, in topic order) the worker's ranking policy has learnt from "
+    "(ranking.engine=policy).",
 )
 CANDIDATES = Counter(
     "driftrec_candidates",
@@ -291,7 +321,7 @@ def prime(domains=("default",), topics=()) -> None:
         CHECKPOINT_REJECTIONS.labels(reason=reason)
     for reason in ("malformed", "no_key", "unsigned", "bad_signature", "stale", "replayed"):
         CONTROL_REJECTED.labels(reason=reason)
-    for reason in ("scorer_timeout", "scorer_error", "scorer_unavailable"):
+    for reason in ("scorer_timeout", "scorer_error", "scorer_unavailable", "policy_error", "policy_not_ready"):
         FALLBACKS.labels(reason=reason)
     for outcome in ("promoted", "rejected", "failed", "skipped"):
         TRAINER_RUNS.labels(outcome=outcome)
@@ -299,6 +329,7 @@ def prime(domains=("default",), topics=()) -> None:
     ONLINE_NDCG_AT_10.labels(model="served")
     for topic in topics:
         CONSUMER_LAG.labels(topic=topic)
+        CONSUMER_UNCOMMITTED.labels(topic=topic)
 
 
 # --------------------------------------------------------------------------------------- build

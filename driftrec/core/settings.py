@@ -138,6 +138,13 @@ class StreamSettings(_Section):
     local_items_retry_s: float = Field(default=30.0, gt=0, le=3600,
                                        description="when a barrier did not come through in time, forward that "
                                                    "partition's interactions and try a new barrier after this long")
+    output_retries: int = Field(default=5, ge=0, le=100,
+                                description="re-issue a batch output that can be redone (a dead letter) this many times, "
+                                            "with exponential backoff, before the worker stops")
+    output_retry_backoff_s: float = Field(default=0.5, gt=0, le=60, description="first retry delay (doubles, at most 30 s)")
+    output_timeout_s: float = Field(default=300.0, gt=0, le=3600,
+                                    description="a batch whose outputs are not durable this long after its hand-over "
+                                                "stops the worker (exit non-zero; a restart replays what is uncommitted)")
 
 
 class FeastSettings(_Section):
@@ -148,6 +155,12 @@ class FeastSettings(_Section):
     redis_url: str = "127.0.0.1:6379"
     redis_key_ttl_s: int | None = Field(default=None, ge=1)
     popularity_half_life_s: float = Field(default=86400.0, gt=0)
+    write_timeout_s: float = Field(default=30.0, gt=0, description=(
+        "longest the writer process may take to answer one write; past it the child is killed, "
+        "a new one started and the write retried"))
+    write_retries: int = Field(default=10, ge=0, le=1000, description=(
+        "retries of a failed online-store write (pauses 0.1, 0.5, 1, 2, then 5 s) before the worker "
+        "stops with an error (its supervisor restarts it; uncommitted events are replayed)"))
 
     @field_validator("project")
     @classmethod
@@ -238,6 +251,42 @@ class TrainerSettings(_Section):
     item_max_length: int = Field(default=40, ge=8, le=4096)
 
 
+class RankingSettings(_Section):
+    """How the recommend stage ranks, and the ranking policy's learning settings.
+
+    ``engine``: ``loop`` = candidates -> Feast -> the HTTP LM scorer -> River (``LoopRanker``); ``policy`` =
+    the ranking policy in the worker (``PolicyRanker``: the same code ``driftrec evaluate`` replays).
+    The remaining fields (except ``model_watch_interval_s``) are the policy's
+    (``driftrec.model.ranking.policy.PolicyConfig``); the replay builds its config through the same
+    function (``PolicyConfig.from_settings``), so the defaults here are the replay's defaults.
+    """
+
+    #: the fields handed to the ranking policy (PolicyConfig's, same names)
+    POLICY_FIELDS: ClassVar[tuple[str, ...]] = (
+        "positive_threshold", "half_life_s", "knn_user_decay", "knn_pair_decay", "knn_max_history", "negatives",
+        "hard_pool", "corrector_lr", "corrector_min_updates", "cold_threshold", "seed",
+    )
+
+    engine: Literal["loop", "policy"] = "loop"
+    positive_threshold: float = Field(default=4.0, ge=0, le=5, description="a rating at least this is a positive")
+    half_life_s: float = Field(default=2 * 86400.0, gt=0, description="half-life of decayed popularity")
+    knn_user_decay: float = Field(default=0.9, gt=0, le=1)
+    knn_pair_decay: float = Field(default=0.9, gt=0, le=1)
+    knn_max_history: int = Field(default=60, ge=1)
+    negatives: int = Field(default=6, ge=1, le=1000, description="negatives per positive for the fusion")
+    hard_pool: int = Field(default=50, ge=1, le=100_000)
+    corrector_lr: float = Field(default=0.005, gt=0, lt=10)
+    corrector_min_updates: int = Field(default=2000, ge=0)
+    cold_threshold: int = Field(default=5, ge=0)
+    seed: int = 0
+    model_watch_interval_s: float = Field(default=5.0, gt=0, le=3600,
+                                          description="how often the worker re-reads the knowledge model's ACTIVE pointer")
+
+    def policy_options(self) -> dict[str, Any]:
+        """The ranking policy's settings, as ``PolicyConfig`` keyword arguments."""
+        return {name: getattr(self, name) for name in self.POLICY_FIELDS}
+
+
 class MetricsSettings(_Section):
     port: int = Field(default=9108, ge=0, lt=65536, description="Prometheus exposition port for workers")
     host: str = Field(default="127.0.0.1",
@@ -285,6 +334,7 @@ class Settings(BaseSettings):
     model: ModelSettings = ModelSettings()
     scorer: ScorerSettings = ScorerSettings()
     trainer: TrainerSettings = TrainerSettings()
+    ranking: RankingSettings = RankingSettings()
     metrics: MetricsSettings = MetricsSettings()
     security: SecuritySettings = SecuritySettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -34,8 +34,6 @@ from typing import Sequence
 
 import numpy as np
 
-from driftrec.model.ranking.sources import DecayedPopularitySource, ItemKNNSource, LMTextNeighbourSource, PopularitySource
-from driftrec.model.ranking.corrections import RiverCorrector
 from driftrec.model.ranking.metrics import rank_metrics
 from driftrec.model.evaluation.movielens import RatingLog, load
 
@@ -43,6 +41,8 @@ log = logging.getLogger(__name__)
 
 PROTOCOL = "prequential-v1"
 BASELINES = ("popularity", "decayed_popularity", "itemknn")
+MODEL_BASELINES = ("sasrec", "lm_only")
+ABLATIONS = ("lm", "kg")
 SYSTEM = "driftrec"
 
 # -------------------------------------------------------------------------------------- config
@@ -59,20 +59,15 @@ class EvalConfig:
     windows: int = 10
     half_life_s: float = 2 * 86400.0
     negatives: int = 6
-    use_lm: bool = True
-    lm_update_every: int = 20000
-    lm_initial_steps: int = 30
-    lm_update_steps: int = 10
-    lm_batch_size: int = 32
-    lm_learning_rate: float = 5e-4
-    lm_history: int = 8
-    user_refresh: int = 5000
+    use_lm: bool = True  # the knowledge model (LM text + graph) takes part; False = collaborative features only
+    lm_update_every: int = 10000  # events between warm-started retrainings of the sequence models
+    model: dict = field(default_factory=dict)  # knowledge-model training overrides (see model.knowledge.seqrec)
     corrector_lr: float = 0.005
     cold_threshold: int = 5
     kg: str | None = None  # knowledge graph: a folder (*.kg [+ *.link]) or a triples file
     kg_link: str | None = None  # link file when kg is a triples file
     kg_format: str = "auto"
-    kg_alpha: float = 0.0  # weight of the TransE term in the adapter's objective, L = L_rec + alpha * L_KG
+    kg_alpha: float = 0.1  # weight of the TransE term in the knowledge model's objective, L = L_rec + alpha * L_KG
     kg_gate: str = "auto"  # "auto": the warm-up validation decides whether the KG is used; "force": always
     kg_gate_z: float = 2.0
     kg_gate_k: int = 50
@@ -81,259 +76,30 @@ class EvalConfig:
     knn_pair_decay: float = 0.9
     knn_max_history: int = 60
     threads: int = 0
+    ablate: tuple[str, ...] = ("lm", "kg")  # the full system without each of these, on the same points
+    baselines: tuple[str, ...] = ("sasrec", "lm_only")  # besides popularity, decayed popularity, item-kNN
+
+    def __post_init__(self) -> None:
+        self.ablate, self.baselines = tuple(self.ablate), tuple(self.baselines)
+        bad = set(self.ablate) - set(ABLATIONS)
+        if bad:
+            raise ValueError(f"unknown ablation(s) {sorted(bad)} (choose from {', '.join(ABLATIONS)})")
+        bad = set(self.baselines) - set(MODEL_BASELINES)
+        if bad:
+            raise ValueError(f"unknown baseline(s) {sorted(bad)} (choose from {', '.join(MODEL_BASELINES)})")
 
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def policy_config(self):
+        from driftrec.model.ranking.policy import PolicyConfig
 
-# ------------------------------------------------------------------------------- the system
-
-
-class DriftrecSystem:
-    """Candidate sources -> features -> River correction score, replayed online."""
-
-    FEATURES = (
-        "knn", "knn_seq", "knn_last", "pop", "dpop", "dpop_fast", "lm_nb", "lm_tt", "genre",
-        "item_pos_rate", "item_recency", "item_age", "year_gap",
-    )
-    KG_FEATURES = ("kg", "kg_cold")  # added when a knowledge graph is in use
-
-    def __init__(self, log_: RatingLog, cfg: EvalConfig, *, item_ids: list[str], trainer=None, kg=None) -> None:
-        self.cfg = cfg
-        self.feature_names = self.FEATURES + (self.KG_FEATURES if kg is not None else ())
-        self.items = log_.items
-        self.item_ids = item_ids
-        self.index = {i: n for n, i in enumerate(item_ids)}
-        n = len(item_ids)
-        self.pop = PopularitySource(item_ids)
-        self.dpop = DecayedPopularitySource(item_ids, half_life_s=cfg.half_life_s)
-        self.dpop_fast = DecayedPopularitySource(item_ids, half_life_s=cfg.half_life_s / 8)
-        self.knn = ItemKNNSource(item_ids)
-        self.knn_seq = ItemKNNSource(item_ids, user_decay=cfg.knn_user_decay, pair_decay=cfg.knn_pair_decay,
-                                     max_history=cfg.knn_max_history)
-        self.lm_nb = LMTextNeighbourSource(item_ids, recent=10, user_decay=0.85)
-        self.sources = [self.pop, self.dpop, self.dpop_fast, self.knn, self.knn_seq, self.lm_nb]
-        self.kg = None
-        if kg is not None:
-            from driftrec.model.knowledge.candidates import KGCandidates
-
-            self.kg = KGCandidates(kg, item_ids, positive_threshold=cfg.positive_threshold)
-            self.sources.append(self.kg)
-        self.corrector = RiverCorrector(learning_rate=cfg.corrector_lr, min_updates=2000)
-        self.rng = np.random.default_rng(cfg.seed)
-        # item side statistics
-        self.n_int = np.zeros(n)
-        self.n_pos = np.zeros(n)
-        self.first_ts = np.full(n, np.nan)
-        self.last_ts = np.full(n, np.nan)
-        genres = sorted({g for it in self.items.values() for g in it.genres})
-        self.genre_index = {g: j for j, g in enumerate(genres)}
-        self.G = np.zeros((n, max(len(genres), 1)))
-        self.years = np.full(n, np.nan)
-        for i, iid in enumerate(item_ids):
-            it = self.items.get(iid)
-            if it is None:
-                continue
-            for g in it.genres:
-                self.G[i, self.genre_index[g]] = 1.0
-            if it.year:
-                self.years[i] = it.year
-        gnorm = np.linalg.norm(self.G, axis=1)
-        self.Gn = self.G / np.where(gnorm > 0, gnorm, 1.0)[:, None]
-        # user side
-        self.hist: dict[str, list[tuple[int, float]]] = {}
-        self.seen: dict[str, set[int]] = {}
-        self.ugenre: dict[str, np.ndarray] = {}
-        # LM
-        self.trainer = trainer
-        self.item_vecs: np.ndarray | None = None
-        self.user_vecs: dict[str, tuple[int, np.ndarray]] = {}
-        self.user_encodes = 0
-        self.lm_seconds = 0.0
-        if trainer is not None:
-            self.refresh_item_vectors()
-
-    # -------------------------------------------------------------------------------- LM
-
-    def refresh_item_vectors(self) -> None:
-        t0 = time.perf_counter()
-        texts = [self.items[i].text() for i in self.item_ids]
-        self.item_vecs = self.trainer.embed_items(texts)
-        self.lm_nb.set_item_vectors(self.item_ids, self.item_vecs)
-        self.user_vecs.clear()
-        self.lm_seconds += time.perf_counter() - t0
-
-    def user_text(self, user: str) -> str:
-        from driftrec.model.text import render_user_text
-
-        h = self.hist.get(user, [])[-self.cfg.lm_history :]
-        return render_user_text([(self.items[self.item_ids[i]], r) for i, r in h], max_items=self.cfg.lm_history)
-
-    def user_vector(self, user: str, *, fresh: bool = False) -> np.ndarray | None:
-        """The user-tower vector from the last batch refresh (None before the user's first one).
-
-        User vectors are recomputed in batches (:meth:`refresh_all_users`, every ``user_refresh``
-        events and after each adapter update), as a periodic job would; ``fresh=True`` encodes the
-        user's current history now.
-        """
-        if self.trainer is None or self.item_vecs is None:
-            return None
-        if fresh:
-            t0 = time.perf_counter()
-            vec = self.trainer.embed_users([self.user_text(user)])[0]
-            self.user_encodes += 1
-            self.lm_seconds += time.perf_counter() - t0
-            self.user_vecs[user] = (len(self.hist.get(user, ())), vec)
-            return vec
-        cached = self.user_vecs.get(user)
-        return None if cached is None else cached[1]
-
-    def refresh_all_users(self, *, changed_only: bool = False) -> None:
-        """Re-encode the users (with history; with ``changed_only``, those whose history grew)."""
-        if self.trainer is None:
-            return
-        t0 = time.perf_counter()
-        users = [
-            u for u, h in self.hist.items()
-            if h and not (changed_only and u in self.user_vecs and self.user_vecs[u][0] == len(h))
-        ]
-        if users:
-            vecs = self.trainer.embed_users([self.user_text(u) for u in users])
-            for u, v in zip(users, vecs):
-                self.user_vecs[u] = (len(self.hist[u]), v)
-            self.user_encodes += len(users)
-        self.lm_seconds += time.perf_counter() - t0
-
-    # -------------------------------------------------------------------------- features
-
-    def features(self, user: str, cols: np.ndarray | None, ts: float, *, fresh_user: bool = False) -> np.ndarray:
-        """The feature matrix (len(cols) x len(FEATURES)); ``cols`` None = all items."""
-        n_all = len(self.item_ids)
-        idx = np.arange(n_all) if cols is None else np.asarray(cols, dtype=np.int64)
-        m = len(idx)
-        hist = self.hist.get(user, [])
-        nh = len(hist)
-        F = np.zeros((m, len(self.feature_names)))
-        if nh:
-            knn = self.knn.score_items(user, None if cols is None else idx) / nh
-            w = self.cfg.knn_user_decay ** np.arange(min(nh, self.cfg.knn_max_history))
-            knn_seq = self.knn_seq.score_items(user, None if cols is None else idx) / w.sum()
-            last = np.asarray([hist[-1][0]])
-            knn_last = self.knn_seq.similarity_rows(last, None if cols is None else idx)[0]
-        else:
-            knn = knn_seq = knn_last = np.zeros(m)
-        dpop = self.dpop.score_all(user, ts)[idx]
-        dpop_fast = self.dpop_fast.score_all(user, ts)[idx]
-        F[:, 0] = np.log1p(100.0 * knn)
-        F[:, 1] = np.log1p(100.0 * knn_seq)
-        F[:, 2] = np.log1p(100.0 * knn_last)
-        F[:, 3] = np.log1p(self.n_int[idx])
-        F[:, 4] = np.log1p(dpop)
-        F[:, 5] = np.log1p(dpop_fast)
-        if self.item_vecs is not None and nh:
-            F[:, 6] = self.lm_nb.vectors[idx] @ self.lm_nb.user_vector(user)
-            uv = self.user_vector(user, fresh=fresh_user)
-            if uv is not None:
-                F[:, 7] = self.item_vecs[idx] @ uv
-        ug = self.ugenre.get(user)
-        if ug is not None:
-            nrm = np.linalg.norm(ug)
-            if nrm > 0:
-                F[:, 8] = self.Gn[idx] @ (ug / nrm)
-        F[:, 9] = (self.n_pos[idx] + 1.0) / (self.n_int[idx] + 2.0)
-        last_ts = self.last_ts[idx]
-        first_ts = self.first_ts[idx]
-        F[:, 10] = np.where(np.isnan(last_ts), 12.0, np.log1p(np.maximum(ts - np.nan_to_num(last_ts), 0) / 3600.0))
-        F[:, 11] = np.where(np.isnan(first_ts), 0.0, np.log1p(np.maximum(ts - np.nan_to_num(first_ts), 0) / 86400.0))
-        if nh:
-            ys = self.years[[i for i, _ in hist[-20:]]]
-            ys = ys[~np.isnan(ys)]
-            if len(ys):
-                yg = np.abs(self.years[idx] - ys.mean()) / 10.0
-                F[:, 12] = np.where(np.isnan(yg), 1.0, yg)
-        if self.kg is not None:
-            # items linked through the graph to the user's likes; kg_cold lets the corrector weigh
-            # the graph separately where interactions say little (items with few positives yet)
-            kg = np.log1p(self.kg.score_all(user, ts)[idx])
-            F[:, 13] = kg
-            F[:, 14] = np.where(self.n_pos[idx] < self.cfg.cold_threshold, kg, 0.0)
-        return F
-
-    # --------------------------------------------------------------------------- scoring
-
-    def score_all(self, user: str, ts: float) -> np.ndarray:
-        F = self.features(user, None, ts)
-        return self.corrector.predict_many(F, self.feature_names)
-
-    # -------------------------------------------------------------------------- learning
-
-    def _negatives(self, user: str, pos: int, ts: float, ranked: np.ndarray | None) -> list[int]:
-        """Negatives among items that would be ranked: the system's own top items at an evaluation
-        point, else the top of the sequential item-kNN and of decayed popularity, plus random ones."""
-        seen = self.seen.get(user, set())
-        k = self.cfg.negatives
-        n = len(self.item_ids)
-        pools = []
-        if ranked is not None and len(ranked):
-            pools.append(np.asarray(ranked))
-        out: list[int] = []
-        hard = k // 2
-        tries = 0
-        while len(out) < k and tries < 20 * k:
-            tries += 1
-            if len(out) < hard and pools:
-                pool = pools[len(out) % len(pools)]
-                c = int(pool[self.rng.integers(len(pool))])
-            else:
-                c = int(self.rng.integers(n))
-            if c != pos and c not in seen and c not in out:
-                out.append(c)
-        return out
-
-    def learn(self, user: str, item: str, rating: float, ts: float, *, ranked: np.ndarray | None = None) -> None:
-        i = self.index[item]
-        positive = rating >= self.cfg.positive_threshold
-        if positive and i not in self.seen.get(user, ()):
-            # Pairwise (RankNet-style) learning: the corrector sees x_pos - x_neg -> 1 and the
-            # mirror pair -> 0, so its linear score ranks; scoring applies it to x directly.
-            negs = self._negatives(user, i, ts, ranked)
-            cols = np.asarray([i] + negs, dtype=np.int64)
-            F = self.features(user, cols, ts)
-            for r in range(1, len(cols)):
-                d = F[0] - F[r]
-                self.corrector.learn_one(dict(zip(self.feature_names, d.tolist())), 1.0)
-                self.corrector.learn_one(dict(zip(self.feature_names, (-d).tolist())), 0.0)
-        for s in self.sources:
-            s.learn_one(user, item, rating, ts)
-        self.n_int[i] += 1
-        self.n_pos[i] += positive
-        if np.isnan(self.first_ts[i]):
-            self.first_ts[i] = ts
-        self.last_ts[i] = ts if np.isnan(self.last_ts[i]) else max(self.last_ts[i], ts)
-        self.hist.setdefault(user, []).append((i, rating))
-        self.seen.setdefault(user, set()).add(i)
-        ug = self.ugenre.get(user)
-        if ug is None:
-            ug = self.ugenre[user] = np.zeros(self.G.shape[1])
-        ug += self.G[i] * (1.0 if positive else 0.3)
-
-
-# ------------------------------------------------------------------------------- evaluation
-
-
-def _make_trainer(cfg: EvalConfig, negative_pool: list[str]):
-    from driftrec.model.training.trainer import Trainer
-
-    return Trainer(
-        max_steps=cfg.lm_initial_steps,
-        batch_size=cfg.lm_batch_size,
-        learning_rate=cfg.lm_learning_rate,
-        replay_buffer=5000,
-        negatives=16,
-        negative_pool=negative_pool,
-        device="cpu",
-        seed=cfg.seed,
-    )
+        # the worker builds its config through the same function (settings.ranking; defaults shared)
+        return PolicyConfig.from_settings(
+            positive_threshold=self.positive_threshold, half_life_s=self.half_life_s,
+            knn_user_decay=self.knn_user_decay, knn_pair_decay=self.knn_pair_decay,
+            knn_max_history=self.knn_max_history, negatives=self.negatives,
+            corrector_lr=self.corrector_lr, cold_threshold=self.cold_threshold, seed=self.seed)
 
 
 # ------------------------------------------------------------------------------ knowledge graph
@@ -411,30 +177,37 @@ def kg_gate(events: Sequence, kg, item_ids: list[str], cfg: EvalConfig, control=
     }
 
 
-def evaluate(log_: RatingLog, cfg: EvalConfig, *, progress: bool = True, trainer=None, diagnose: bool = False,
-             kg=None) -> dict:
+def evaluate(log_: RatingLog, cfg: EvalConfig, *, progress: bool = True, diagnose: bool = False, kg=None,
+             arms: dict | None = None, on_evaluation=None) -> dict:
     """Run protocol prequential-v1 over ``log_``; returns the result dict (see module docstring).
 
-    ``kg`` (a :class:`driftrec.model.knowledge.graph.KnowledgeGraph`, else loaded from ``cfg.kg``): the KG candidate source
-    joins the ranking as features ``kg``/``kg_cold`` and, with ``cfg.kg_alpha > 0``, the adapter trains
-    on ``L_rec + kg_alpha * L_KG`` - both only when the warm-up gate (:func:`kg_gate`) opens, or with
-    ``cfg.kg_gate == "force"``."""
+    ``kg`` (a :class:`driftrec.model.knowledge.graph.KnowledgeGraph`, else loaded from ``cfg.kg``): the
+    graph joins the ranking policy (features ``kg``/``kg_cold``) and the knowledge model (entity embeddings
+    trained with ``L_rec + kg_alpha * L_KG``) when the warm-up gate (:func:`kg_gate`) opens, or with
+    ``cfg.kg_gate == "force"``. ``arms``: the systems to measure (default :func:`build_arms`).
+    ``on_evaluation``: called at every evaluation point with ``{"position", "user", "item", "ts", "top"}``
+    (``top``: driftrec's top-k item ids, best first) - what ``--through-stream`` compares served lists with."""
     t_start = time.perf_counter()
     _seed_everything(cfg.seed)
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     events, n_warm, item_ids, index = _prepare_events(log_, cfg)
     if kg is None and cfg.kg:
         kg = load_eval_kg(cfg, log_)
     use_kg, kg_info = _gate_knowledge_graph(kg, events[:n_warm], item_ids, cfg)
-    trainer = _prepare_trainer(trainer, cfg, log_, item_ids, use_kg)
-    system = DriftrecSystem(log_, cfg, item_ids=item_ids, trainer=trainer if cfg.use_lm else None, kg=use_kg)
-    replay = _Replay(system, cfg, log_, index, n_warm, trainer=trainer, diagnose=diagnose)
+    if arms is None:
+        arms = build_arms(log_, cfg, item_ids, use_kg)
+    replay = _Replay(arms, cfg, index, n_warm, diagnose=diagnose)
+    replay.on_evaluation = on_evaluation
     replay.run(events, progress=progress)
     return _assemble_result(replay, log_, cfg, kg_info=kg_info, n_events=len(events), n_warm=n_warm,
                             item_ids=item_ids, elapsed=time.perf_counter() - t_start, diagnose=diagnose)
 
 
 def _seed_everything(seed: int) -> None:
-    """Seed Python's and NumPy's global random generators (the trainer and the system seed their own)."""
+    """Seed Python's and NumPy's global random generators (the models and the policy seed their own)."""
     random.seed(seed)
     np.random.seed(seed)
 
@@ -479,44 +252,69 @@ def _gate_knowledge_graph(kg, warmup: Sequence, item_ids: list[str], cfg: EvalCo
     return use_kg, kg_info
 
 
-def _prepare_trainer(trainer, cfg: EvalConfig, log_: RatingLog, item_ids: list[str], use_kg):
-    """The LM adapter trainer: ``trainer`` if given, else a new one when the LM is on (None when off);
-    with a used graph and ``cfg.kg_alpha > 0`` its objective gets the KG loss."""
-    if cfg.use_lm and trainer is None:
-        if cfg.threads:
-            import torch
+def build_arms(log_: RatingLog, cfg: EvalConfig, item_ids: list[str], kg) -> dict:
+    """The systems measured on the same points: ``driftrec`` (the ranking policy with the knowledge
+    model), its ablations (``no_lm``: the knowledge model without the LM's text; ``no_kg``: policy and
+    model without the graph - only when a graph is used), ``lm_only`` (the knowledge model's own ranking),
+    ``sasrec``, and the policy's own popularity, decayed popularity and item-kNN sources."""
+    from driftrec.model.evaluation.arms import ModelArm, PolicyArm, SourceArm
+    from driftrec.model.ranking.policy import RankingPolicy
 
-            torch.set_num_threads(cfg.threads)
-        trainer = _make_trainer(cfg, [log_.items[i].text() for i in item_ids])
-    if use_kg is not None and cfg.use_lm and trainer is not None and cfg.kg_alpha > 0:
-        from driftrec.model.knowledge.loss import attach_kg_loss
+    from driftrec.model.knowledge.candidates import KGCandidates
 
-        attach_kg_loss(trainer, use_kg, {i: log_.items[i].text() for i in item_ids if i in log_.items},
-                       alpha=cfg.kg_alpha)
-    return trainer
+    pcfg = cfg.policy_config()
+    items = log_.items
+
+    def graph_source():
+        return None if kg is None else KGCandidates(kg, positive_threshold=cfg.positive_threshold)
+
+    def knowledge(text: bool, graph) -> object | None:
+        if not cfg.use_lm:
+            return None
+        from driftrec.model.knowledge.seqrec import KnowledgeTrainer
+
+        return KnowledgeTrainer(items, item_ids, text=text, kg=graph, kg_alpha=cfg.kg_alpha, seed=cfg.seed,
+                                **cfg.model)
+
+    full = PolicyArm(SYSTEM, RankingPolicy(pcfg, items, item_ids, kg=graph_source()), knowledge(True, kg))
+    state = full.policy.state  # the ablations share the full system's sources (same events, computed once)
+    arms: dict = {SYSTEM: full}
+    if cfg.use_lm and "lm" in cfg.ablate:
+        arms["no_lm"] = PolicyArm("no_lm", RankingPolicy(pcfg, items, item_ids, use_text=False, state=state),
+                                  knowledge(False, kg))
+    if kg is not None and "kg" in cfg.ablate:
+        arms["no_kg"] = PolicyArm("no_kg", RankingPolicy(pcfg, items, item_ids, use_kg=False, state=state),
+                                  knowledge(True, None))
+    if cfg.use_lm and "lm_only" in cfg.baselines:
+        arms["lm_only"] = ModelArm("lm_only", item_ids, shared=lambda: full.policy.model)
+    if "sasrec" in cfg.baselines:
+        from driftrec.model.evaluation.sasrec import SASRecTrainer
+
+        arms["sasrec"] = ModelArm("sasrec", item_ids, SASRecTrainer(item_ids, seed=cfg.seed))
+    policy = full.policy
+    for name, src in (("popularity", policy.pop), ("decayed_popularity", policy.dpop), ("itemknn", policy.knn)):
+        arms[name] = SourceArm(name, src)
+    return arms
 
 
 class _Replay:
     """The test-then-train loop of one evaluation and what it records.
 
-    Per event: the LM schedule (:meth:`_maybe_update_lm`), the test step on a positive for an item new to
-    the user (:meth:`_test`: rank, and at an evaluation point measure every system), the LM training
-    example (:meth:`_collect_lm_example`), then the learning step (:meth:`_learn`). The ranking system is
-    only reached through :meth:`_rank`, :meth:`_learn`, :meth:`_refresh_lm` and the item statistics
-    read in :meth:`_record_evaluation`.
-    """
+    Per event: the periodic (re)training of the sequence models (:meth:`_maybe_refit`), the test step on
+    a positive for an item new to the user (:meth:`_test`: every policy ranks - its own top items are its
+    hard negatives - and at an evaluation point every arm is measured), then every arm learns
+    (:meth:`_learn`)."""
 
-    def __init__(self, system: DriftrecSystem, cfg: EvalConfig, log_: RatingLog, index: dict[str, int], n_warm: int,
-                 *, trainer=None, diagnose: bool = False) -> None:
-        self.system = system
+    def __init__(self, arms: dict, cfg: EvalConfig, index: dict[str, int], n_warm: int, *,
+                 diagnose: bool = False) -> None:
+        self.arms = arms
+        self.main = arms[SYSTEM]
+        self.policy = self.main.policy  # its statistics say which evaluated items are cold
         self.cfg = cfg
-        self.log_ = log_
         self.index = index
         self.n_warm = n_warm
-        self.trainer = trainer if cfg.use_lm else None  # the adapter trainer when the LM takes part
         self.diagnose = diagnose
-        self.baselines = {"popularity": system.pop, "decayed_popularity": system.dpop, "itemknn": system.knn}
-        self.names = [SYSTEM, *BASELINES]
+        self.names = list(arms)
         self.hr: dict[str, list[float]] = {n: [] for n in self.names}
         self.ndcg: dict[str, list[float]] = {n: [] for n in self.names}
         self.eval_ts: list[float] = []
@@ -525,17 +323,17 @@ class _Replay:
         self.eval_prior_pos: list[int] = []
         self.eval_prior_int: list[int] = []
         self.top_unseen: list[int] = []
-        self.lm_updates: list[dict] = []
-        self.pending: list = []
+        self.fits: list[dict] = []
         self.positives_seen = 0
-        self.last_update = 0
+        self.last_fit: int | None = None
         self.drift_events: list[dict] = []
         self.feature_hr: dict[str, list[float]] = {}
-        system.corrector.on_drift(lambda ev: self.drift_events.append({"update": ev.update, "count": ev.count}))
-
-    @property
-    def lm_enabled(self) -> bool:
-        return self.trainer is not None
+        self.seconds: dict[str, float] = {n: 0.0 for n in self.names}
+        self.policy.corrector.on_drift(lambda ev: self.drift_events.append({"update": ev.update, "count": ev.count}))
+        self.on_evaluation = None  # optional callback per evaluation point (see evaluate)
+        self._position = 0
+        owners_last = lambda kv: bool(getattr(getattr(kv[1], "policy", None), "owns_state", False))  # noqa: E731
+        self._learning_order = sorted(arms.items(), key=owners_last)
 
     # ------------------------------------------------------------------------------ the loop
 
@@ -546,11 +344,11 @@ class _Replay:
         bar = tqdm(total=len(events), desc="prequential-v1", unit="ev", disable=not progress, mininterval=2.0,
                    file=sys.stderr)
         for p, e in enumerate(events):
-            self._maybe_update_lm(p)
+            self._position = p
+            self._maybe_refit(p)
             positive = e.rating >= self.cfg.positive_threshold
-            ranked = self._test(p, e, positive)
-            self._collect_lm_example(e, positive)
-            self._learn(e, ranked)
+            scores = self._test(p, e, positive)
+            self._learn(e, scores)
             if progress and p % 2000 == 0:
                 self._show_progress(bar)
             bar.update(1)
@@ -562,125 +360,114 @@ class _Replay:
         bar.set_postfix(evals=len(self.eval_ts), hr=f"{np.mean(hr[SYSTEM]) if evaluated else 0:.3f}",
                         knn=f"{np.mean(hr['itemknn']) if evaluated else 0:.3f}", refresh=False)
 
-    # ---------------------------------------------------------------------------- LM schedule
+    # ------------------------------------------------------------------------------ training
 
-    def _maybe_update_lm(self, p: int) -> None:
-        """Before event ``p``: the initial adapter training at the end of the warm-up, an incremental
-        update every ``cfg.lm_update_every`` events (when examples are pending), else the periodic
-        re-encoding of users whose history grew."""
-        if not self.lm_enabled:
+    def _maybe_refit(self, p: int) -> None:
+        """Before event ``p``: the first training of the sequence models at the end of the warm-up, then a
+        warm-started retraining every ``cfg.lm_update_every`` events, each on the histories so far."""
+        if self.n_warm <= 0 or p < self.n_warm:
             return
-        cfg, n_warm = self.cfg, self.n_warm
-        if p == n_warm and n_warm > 0:
-            self._lm_update(True, p)
-        elif p > n_warm and p - self.last_update >= cfg.lm_update_every and self.pending:
-            self._lm_update(False, p)
-        elif p > 0 and p % cfg.user_refresh == 0:
-            self.system.refresh_all_users(changed_only=True)
-
-    def _lm_update(self, initial: bool, position: int) -> None:
-        """Train the adapter on the pending examples, refresh the system's LM vectors, record the stats."""
-        steps = self.cfg.lm_initial_steps if initial else self.cfg.lm_update_steps
-        stats = self.trainer.update(self.pending, max_steps=steps)
-        self.pending = []
-        self.last_update = position
-        self._refresh_lm()
-        d = stats.as_dict()
-        d.update(position=position, initial=initial)
-        if getattr(self.trainer, "last_kg_loss", None) is not None:
-            d["kg_loss"] = self.trainer.last_kg_loss
-        self.lm_updates.append(d)
-
-    def _refresh_lm(self) -> None:
-        """Recompute the system's item and user vectors after an adapter update."""
-        self.system.refresh_item_vectors()
-        self.system.refresh_all_users()
-
-    def _collect_lm_example(self, e, positive: bool) -> None:
-        """Queue a positive (for a user with a history) as a training example for the next adapter update."""
-        if self.lm_enabled and positive and self.system.hist.get(e.user):
-            from driftrec.model.training.trainer import TrainingExample
-
-            self.pending.append(TrainingExample(self.system.user_text(e.user), self.log_.items[e.item].text()))
+        if self.last_fit is None or p - self.last_fit >= self.cfg.lm_update_every:
+            initial = self.last_fit is None
+            histories = list(self.policy.histories())
+            for name, arm in self.arms.items():
+                t0 = time.perf_counter()
+                stats = arm.refit(histories, initial=initial)
+                if stats is not None:
+                    self.fits.append({"arm": name, "position": p, "initial": initial, **stats})
+                self.seconds[name] += time.perf_counter() - t0
+            self.last_fit = p
 
     # ----------------------------------------------------------------------------- test step
 
-    def _test(self, p: int, e, positive: bool) -> np.ndarray | None:
-        """The test step on a positive for an item new to the user: rank, and at an evaluation point (after
-        the warm-up, every ``cfg.every``-th such positive) measure every system. Returns the system's top
-        ranked items (its hard negatives for learning), None when the event is not tested."""
+    def _test(self, p: int, e, positive: bool) -> dict[str, np.ndarray]:
+        """The test step on a positive for an item new to the user: every policy arm ranks (its hard
+        negatives for learning), and at an evaluation point (after the warm-up, every ``cfg.every``-th
+        such positive) every arm is measured. Returns the scores computed, by arm."""
         u, i = e.user, self.index[e.item]
-        if not positive or i in self.system.seen.get(u, ()):
-            return None
-        allowed = self._allowed(u)
-        s, masked, ranked = self._rank(u, e.timestamp, allowed)
+        if not positive or i in self.policy.seen.get(u, ()):
+            return {}
+        evaluate = False
         if p >= self.n_warm:
             self.positives_seen += 1
-            if (self.positives_seen - 1) % self.cfg.every == 0:
-                self._record_evaluation(u, i, e.timestamp, allowed, s, masked)
-        return ranked
+            evaluate = (self.positives_seen - 1) % self.cfg.every == 0
+        scores = {}
+        for name, arm in self.arms.items():
+            if evaluate or arm.learns_with_scores:
+                t0 = time.perf_counter()
+                scores[name] = arm.scores(u, e.timestamp)
+                self.seconds[name] += time.perf_counter() - t0
+        if evaluate:
+            self._record_evaluation(u, i, e.timestamp, self.policy.allowed(u), scores)
+        return scores
 
-    def _allowed(self, user: str) -> np.ndarray:
-        """The mask of items ``user`` may be recommended: those not interacted with yet."""
-        allowed = np.ones(len(self.system.item_ids), dtype=bool)
-        seen = self.system.seen.get(user)
-        if seen:
-            allowed[list(seen)] = False
-        return allowed
-
-    def _rank(self, user: str, ts: float, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The system's scores of all items, the scores with disallowed items at -inf, and its (up to) 50
-        highest ranked allowed items."""
-        s = self.system.score_all(user, ts)
-        # The items the system ranks highest are the corrector's hard negatives.
-        masked = np.where(allowed, s, -np.inf)
-        top = np.argpartition(-masked, 50)[:50] if len(masked) > 50 else np.arange(len(masked))
-        ranked = top[np.isfinite(masked[top])]
-        return s, masked, ranked
-
-    def _record_evaluation(self, u: str, i: int, ts: float, allowed: np.ndarray, s: np.ndarray,
-                           masked: np.ndarray) -> None:
-        """HR@k and NDCG@k of item ``i`` under the system and the baselines, the cold-item statistics,
-        and (with ``diagnose``) each feature's HR alone."""
-        cfg, system = self.cfg, self.system
+    def _record_evaluation(self, u: str, i: int, ts: float, allowed: np.ndarray, scores: dict[str, np.ndarray]) -> None:
+        """HR@k and NDCG@k of item ``i`` under every arm, the cold-item statistics, and (with
+        ``diagnose``) each feature's HR alone."""
+        cfg, policy = self.cfg, self.policy
         if self.diagnose:
-            F = system.features(u, None, ts)
-            for j, fname in enumerate(system.feature_names):
+            F = policy.features(u, None, ts)
+            for j, fname in enumerate(policy.feature_names):
                 self.feature_hr.setdefault(fname, []).append(rank_metrics(F[:, j], i, allowed, cfg.k)[0])
-        h, g = rank_metrics(s, i, allowed, cfg.k)
-        self.eval_prior_pos.append(int(system.n_pos[i]))
-        self.eval_prior_int.append(int(system.n_int[i]))
-        topk = np.argsort(-masked, kind="stable")[: cfg.k]
-        self.top_unseen.append(int((system.n_int[topk] == 0).sum()))
-        self.hr[SYSTEM].append(h)
-        self.ndcg[SYSTEM].append(g)
-        for name, src in self.baselines.items():
-            h, g = rank_metrics(src.score_all(u, ts), i, allowed, cfg.k)
+        self.eval_prior_pos.append(int(policy.n_pos[i]))
+        self.eval_prior_int.append(int(policy.n_int[i]))
+        topk = policy.top(scores[SYSTEM], allowed, cfg.k)
+        self.top_unseen.append(int((policy.n_int[topk] == 0).sum()))
+        if self.on_evaluation is not None:
+            self.on_evaluation({"position": self._position, "user": u, "item": policy.item_ids[i], "ts": ts,
+                                "top": [policy.item_ids[j] for j in topk]})
+        for name, s in scores.items():
+            h, g = rank_metrics(s, i, allowed, cfg.k)
             self.hr[name].append(h)
             self.ndcg[name].append(g)
         self.eval_ts.append(ts)
 
     # ---------------------------------------------------------------------------- learn step
 
-    def _learn(self, e, ranked: np.ndarray | None) -> None:
-        """The learning step: the system learns from the event (with its hard negatives when tested)."""
-        self.system.learn(e.user, e.item, e.rating, e.timestamp, ranked=ranked)
+    def _learn(self, e, scores: dict[str, np.ndarray]) -> None:
+        """Every arm learns from the event (a policy with its own scores at a tested positive); the arm
+        whose policy owns the shared state goes last, so every policy learns from the state before the
+        event."""
+        for name, arm in self._learning_order:
+            t0 = time.perf_counter()
+            arm.observe(e.user, e.item, e.rating, e.timestamp, scores.get(name))
+            self.seconds[name] += time.perf_counter() - t0
 
 
-def _overall_results(replay: _Replay, cfg: EvalConfig) -> dict:
-    """Mean HR@k and NDCG@k per system over all evaluations."""
-    n_eval = len(replay.eval_ts)
+def _metrics(hr: Sequence[float], ndcg: Sequence[float], mask: np.ndarray | None, k: int) -> dict:
+    v_hr, v_ndcg = np.asarray(hr, dtype=np.float64), np.asarray(ndcg, dtype=np.float64)
+    if mask is not None:
+        v_hr, v_ndcg = v_hr[mask], v_ndcg[mask]
+    n = len(v_hr)
+    return {f"hr@{k}": float(v_hr.mean()) if n else 0.0, f"ndcg@{k}": float(v_ndcg.mean()) if n else 0.0}
+
+
+def _arm_results(replay: _Replay, cfg: EvalConfig, name: str) -> dict:
+    """One arm's HR@k / NDCG@k over all evaluations, and on the cold ones (the target had fewer than
+    ``cfg.cold_threshold`` positives before), with the never-interacted ones among them."""
+    k = cfg.k
+    pos = np.asarray(replay.eval_prior_pos, dtype=np.int64)
+    cold = pos < cfg.cold_threshold
+    never = cold & (np.asarray(replay.eval_prior_int, dtype=np.int64) == 0)
+    hr, ndcg = replay.hr[name], replay.ndcg[name]
+    never_m = _metrics(hr, ndcg, never, k)
     return {
-        n: {
-            f"hr@{cfg.k}": float(np.mean(replay.hr[n])) if n_eval else 0.0,
-            f"ndcg@{cfg.k}": float(np.mean(replay.ndcg[n])) if n_eval else 0.0,
-        }
-        for n in replay.names
+        **_metrics(hr, ndcg, None, k),
+        "cold": {**_metrics(hr, ndcg, cold, k), "count": int(cold.sum()),
+                 "never_interacted": {f"hr@{k}": never_m[f"hr@{k}"], "count": int(never.sum())}},
     }
 
 
+def _overall_results(replay: _Replay, cfg: EvalConfig) -> tuple[dict, dict]:
+    """Per arm: ``results`` (the system and the baselines) and ``ablations`` (the system without a part)."""
+    results, ablations = {}, {}
+    for name in replay.names:
+        (ablations if name.startswith("no_") else results)[name] = _arm_results(replay, cfg, name)
+    return results, ablations
+
+
 def _window_results(replay: _Replay, cfg: EvalConfig) -> list[dict]:
-    """The metrics per system in ``cfg.windows`` consecutive windows of evaluations (time order)."""
+    """The metrics per arm in ``cfg.windows`` consecutive windows of evaluations (time order)."""
     hr, ndcg, eval_ts = replay.hr, replay.ndcg, replay.eval_ts
     n_eval = len(eval_ts)
     windows = []
@@ -702,13 +489,15 @@ def _window_results(replay: _Replay, cfg: EvalConfig) -> list[dict]:
 
 def _assemble_result(replay: _Replay, log_: RatingLog, cfg: EvalConfig, *, kg_info: dict | None, n_events: int,
                      n_warm: int, item_ids: list[str], elapsed: float, diagnose: bool) -> dict:
-    """The result dict of :func:`evaluate`: metrics overall, cold and per window, the config and the
-    system's state (corrector, drift detections, LM updates)."""
-    system, lm_updates = replay.system, replay.lm_updates
+    """The result dict of :func:`evaluate`: metrics overall (with their cold blocks), the ablations, the
+    cold summary, per window, the config and the system's state (corrector, drift, model trainings)."""
+    results, ablations = _overall_results(replay, cfg)
+    info = replay.main.info()
     return {
         "protocol": PROTOCOL,
         "evaluations": len(replay.eval_ts),
-        "results": _overall_results(replay, cfg),
+        "results": results,
+        "ablations": ablations,
         "cold": cold_results(replay.hr, replay.ndcg, replay.eval_prior_pos, replay.eval_prior_int,
                              replay.top_unseen, cfg),
         **({"kg": kg_info} if kg_info is not None else {}),
@@ -720,21 +509,15 @@ def _assemble_result(replay: _Replay, log_: RatingLog, cfg: EvalConfig, *, kg_in
             "events": n_events,
             "warmup_events": n_warm,
             "items": len(item_ids),
-            "users": len(system.hist),
+            "users": len(replay.policy.hist),
         },
         "system": {
-            "features": list(system.feature_names),
-            "corrector_weights": system.corrector.weights(),
-            "corrector_updates": system.corrector.n_learned,
-            "drift_count": system.corrector.drift_count,
+            **{k: v for k, v in info.items() if k != "model"},
             "drift_events": replay.drift_events[:100],
-            "lm": {
-                "enabled": replay.lm_enabled,
-                "updates": lm_updates,
-                "user_encodes": system.user_encodes,
-                "seconds": system.lm_seconds + sum(u["seconds"] for u in lm_updates),
-            },
+            "lm": {"enabled": cfg.use_lm, "fits": [f for f in replay.fits if f["arm"] == SYSTEM]},
         },
+        "fits": replay.fits,
+        "seconds": {n: round(s, 2) for n, s in replay.seconds.items()},
         "elapsed_s": elapsed,
         **({"feature_hr": {f: float(np.mean(v)) for f, v in replay.feature_hr.items()}} if diagnose else {}),
     }
@@ -845,10 +628,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help="write report.md + hr_over_time.png into this folder")
     p.add_argument("--limit", type=int, help="use only the first N events (time order)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-lm", action="store_true", help="skip the language model (fast tuning runs)")
-    p.add_argument("--lm-update-every", type=int, default=EvalConfig.lm_update_every)
-    p.add_argument("--lm-initial-steps", type=int, default=EvalConfig.lm_initial_steps)
-    p.add_argument("--lm-update-steps", type=int, default=EvalConfig.lm_update_steps)
+    p.add_argument("--no-lm", action="store_true",
+                   help="skip the knowledge model (LM text + graph embeddings): collaborative features only")
+    p.add_argument("--lm-update-every", "--model-update-every", dest="lm_update_every", type=int,
+                   default=EvalConfig.lm_update_every,
+                   help="events between warm-started retrainings of the knowledge model and SASRec "
+                        f"(default {EvalConfig.lm_update_every})")
+    p.add_argument("--model-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="knowledge-model training option (repeatable), e.g. --model-set epochs=3")
+    p.add_argument("--ablate", default=",".join(EvalConfig.ablate),
+                   help="comma list of parts to measure the system without, on the same points: "
+                        f"{', '.join(ABLATIONS)} ('' for none; kg only with --kg)")
+    p.add_argument("--baselines", default=",".join(EvalConfig.baselines),
+                   help=f"comma list of model baselines: {', '.join(MODEL_BASELINES)} ('' for none); popularity, "
+                        "decayed popularity and item-kNN are always measured")
     p.add_argument("--half-life-days", type=float, default=EvalConfig.half_life_s / 86400.0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--cold-threshold", type=int, default=EvalConfig.cold_threshold,
@@ -863,11 +656,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: use the KG only if it beats its shuffled-link control on the warm-up window; "
                    "force: always use it")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--through-stream", action="store_true",
+                   help="also run the log through an embedded broker and a real worker (ranking.engine=policy) "
+                        "with the knowledge model trained on the warm-up, and report the served lists' HR/NDCG "
+                        "next to the replay's on the same points (driftrec.through_stream; use --limit)")
     return p
+
+
+def _model_options(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--model-set wants KEY=VALUE, not {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
 
 
 def evaluate_main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.through_stream:
+        print("--through-stream runs through `driftrec evaluate` (it starts a broker and a worker)", file=sys.stderr)
+        return 2
     if args.every < 1:
         print("--every must be >= 1", file=sys.stderr)
         return 2
@@ -885,14 +698,24 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    cfg = EvalConfig(
+    try:
+        cfg = _config(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return _run_and_print(args, log_, cfg)
+
+
+def _config(args) -> EvalConfig:
+    return EvalConfig(
         every=args.every,
         limit=args.limit,
         seed=args.seed,
         use_lm=not args.no_lm,
         lm_update_every=args.lm_update_every,
-        lm_initial_steps=args.lm_initial_steps,
-        lm_update_steps=args.lm_update_steps,
+        model=_model_options(args.model_set),
+        ablate=tuple(a for a in args.ablate.split(",") if a),
+        baselines=tuple(b for b in args.baselines.split(",") if b),
         half_life_s=args.half_life_days * 86400.0,
         threads=args.threads,
         cold_threshold=args.cold_threshold,
@@ -902,9 +725,14 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         kg_alpha=args.kg_alpha,
         kg_gate=args.kg_gate,
     )
+
+
+def _run_and_print(args, log_, cfg: EvalConfig) -> int:
+    from driftrec.model.knowledge.graph import KGError
+
     try:
         result = evaluate(log_, cfg, progress=not args.quiet)
-    except KGError as exc:
+    except (KGError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     k = cfg.k
@@ -918,10 +746,13 @@ def evaluate_main(argv: list[str] | None = None) -> int:
               f"{'open' if g['open'] else 'closed'}: warm-up HR@{g['k']} {g[gk]:.4f} vs "
               f"{g[gk + '_shuffled_links']:.4f} with shuffled links, z={g['z']:.2f}), "
               f"alpha {result['kg']['alpha_effective']}")
-    print(f"{'system':<20} {'HR@' + str(k):>8} {'NDCG@' + str(k):>9} {'cold HR':>8} {'cold NDCG':>9}")
-    for name, r in result["results"].items():
-        c = cold[name]
-        print(f"{name:<20} {r[f'hr@{k}']:>8.4f} {r[f'ndcg@{k}']:>9.4f} {c[f'hr@{k}']:>8.4f} {c[f'ndcg@{k}']:>9.4f}")
+    print(f"{'system':<20} {'HR@' + str(k):>8} {'NDCG@' + str(k):>9} {'cold HR':>8} {'cold NDCG':>9} {'never HR':>9}")
+    rows = list(result["results"].items()) + [(f"ablation {n}", r) for n, r in result["ablations"].items()]
+    for name, r in rows:
+        c = r["cold"]
+        print(f"{name:<20} {r[f'hr@{k}']:>8.4f} {r[f'ndcg@{k}']:>9.4f} {c[f'hr@{k}']:>8.4f} {c[f'ndcg@{k}']:>9.4f} "
+              f"{c['never_interacted'][f'hr@{k}']:>9.4f}")
+    print(f"(cold: {cold['evaluations']} evaluations, {cold['evaluations_new_item']} of them on never-interacted items)")
     if args.json_path:
         Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_path).write_text(json.dumps(result, indent=2))

@@ -93,6 +93,21 @@ class RiverCorrector(Corrector):
         parts = self._linear_parts()
         return dict(parts[1].weights) if parts else {}
 
+    def contributions(self, X: np.ndarray, names: Sequence[str]) -> np.ndarray | None:
+        """Each feature's share of the logit (standardised value x weight), rows x features; None when the
+        pipeline is not the linear default (no per-feature attribution then). Explains, changes nothing."""
+        parts = self._linear_parts()
+        if parts is None:
+            return None
+        scaler, lr = parts
+        X = np.asarray(X, dtype=np.float64)
+        mean = np.array([scaler.means.get(n, 0.0) for n in names])
+        var = np.array([scaler.vars.get(n, 0.0) for n in names])
+        w = np.array([lr.weights.get(n, 0.0) for n in names])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            Z = np.where(var > 0, (X - mean) / np.sqrt(np.where(var > 0, var, 1.0)), 0.0)
+        return Z * w
+
 
 class LinearBlendCorrector(Corrector):
     """A fixed weighted sum of features, squashed to (0, 1). Learns nothing but still monitors drift."""

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Sequence
 from driftrec.core import metrics
 from driftrec.core.contracts import Click, Rating, Recommendation, RecommendationRequest, new_event_id
 from driftrec.streams.pipeline import Accepted, StageResult
-from driftrec.streams.ranking import build_ranker
+from driftrec.streams.rankers import build_ranker
 
 if TYPE_CHECKING:
     from driftrec.streams.app import DriftrecApp

@@ -17,7 +17,8 @@ from driftrec.core import metrics
 from driftrec.core.contracts import Click, Item, Rating, RecommendationRequest
 from driftrec.core.settings import Settings
 from driftrec.model.drift import DriftEvent
-from driftrec.streams.ranking import LoopRanker, Ranked, Ranker, build_ranker
+from driftrec.streams.rankers import build_ranker
+from driftrec.streams.ranking import LoopRanker, Ranked, Ranker
 from driftrec.streams.scorer_client import LMRanking, ScorerUnavailable
 
 ITEMS = ["a", "b", "c", "d", "x", "y", "z"]

@@ -60,14 +60,14 @@ def test_prequential_by_hand_popularity():
     #   p5 u3 i1: allowed i1(2) i3(1) i4 i5                -> rank 0,     HR 1,    NDCG 1
     #   p6 u1 i3: allowed i3(1) i4 i5                      -> rank 0,     HR 1,    NDCG 1
     #   p8 u3 i5: allowed i3(2) i4 i5 (0)                  -> ranks 1..2, HR@2 1/2, NDCG L3/2
-    res = evaluate(tiny_log(), EvalConfig(every=1, k=2, use_lm=False), progress=False)
+    res = evaluate(tiny_log(), EvalConfig(every=1, k=2, use_lm=False, baselines=()), progress=False)
     assert res["protocol"] == "prequential-v1"
     assert res["evaluations"] == 5
     pop = res["results"]["popularity"]
     assert pop["hr@2"] == pytest.approx((1 / 4 + 1 / 3 + 1 + 1 + 1 / 2) / 5)
     assert pop["ndcg@2"] == pytest.approx((L3 / 4 + L3 / 3 + 1 + 1 + L3 / 2) / 5)
     assert set(res["results"]) == {"driftrec", "popularity", "decayed_popularity", "itemknn"}
-    every2 = evaluate(tiny_log(), EvalConfig(every=2, k=2, use_lm=False), progress=False)
+    every2 = evaluate(tiny_log(), EvalConfig(every=2, k=2, use_lm=False, baselines=()), progress=False)
     assert every2["evaluations"] == 3  # positives #1, #3, #5: p2, p5, p8
     assert every2["results"]["popularity"]["hr@2"] == pytest.approx((1 / 4 + 1 + 1 / 2) / 3)
 
@@ -131,7 +131,7 @@ def test_ml_latest_matches_ml100k(tmp_path):
             assert order[(x.user, x.item)] < order[(y.user, y.item)]
     assert {k: v.text() for k, v in a.items.items()} == {k: v.text() for k, v in b.items.items()}
     assert a.items["3"].year == 1983 and a.items["3"].title == "Film 3"
-    cfg = EvalConfig(every=1, use_lm=False)
+    cfg = EvalConfig(every=1, use_lm=False, baselines=())
     ra, rb = evaluate(a, cfg, progress=False), evaluate(b, cfg, progress=False)
     assert ra["evaluations"] == rb["evaluations"] > 0
     assert ra["results"] == rb["results"]
@@ -176,14 +176,15 @@ def test_evaluate_main_writes_json_and_report(tmp_path, capsys):
     items, events = synthetic(seed=3)
     write_ml_latest(tmp_path / "data", items, events)
     out = tmp_path / "r.json"
-    rc = evaluate_main(["--data", str(tmp_path / "data"), "--every", "2", "--no-lm", "--quiet",
+    rc = evaluate_main(["--data", str(tmp_path / "data"), "--every", "2", "--no-lm", "--baselines", "", "--quiet",
                         "--json", str(out), "--report", str(tmp_path / "rep"), "--limit", "300"])
     assert rc == 0
     res = json.loads(out.read_text())
     assert res["protocol"] == "prequential-v1" and res["evaluations"] > 0
     assert res["config"]["events"] == 300 and res["config"]["every"] == 2
     for name in ("driftrec", "popularity", "decayed_popularity", "itemknn"):
-        assert set(res["results"][name]) == {"hr@10", "ndcg@10"}
+        assert set(res["results"][name]) == {"hr@10", "ndcg@10", "cold"}
+        assert set(res["results"][name]["cold"]) == {"hr@10", "ndcg@10", "count", "never_interacted"}
     assert res["windows"] and "driftrec" in res["windows"][0]
     assert (tmp_path / "rep" / "report.md").read_text().startswith("# driftrec evaluation")
     assert (tmp_path / "rep" / "hr_over_time.png").stat().st_size > 0

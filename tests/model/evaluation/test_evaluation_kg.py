@@ -22,21 +22,24 @@ def test_cold_metrics_by_hand():
     # tiny_log's evaluated positives with the target's positives before the event (re-ratings count):
     #   p2 u3 i2 (0)  p4 u2 i3 (0)  p5 u3 i1 (2: p0, p1)  p6 u1 i3 (1: p4)  p8 u3 i5 (0)
     # popularity's HR@2 / NDCG@2 there (test_prequential_by_hand_popularity): 1/4, 1/3, 1, 1, 1/2.
-    res = evaluate(tiny_log(), EvalConfig(every=1, k=2, use_lm=False, cold_threshold=2), progress=False)
+    res = evaluate(tiny_log(), EvalConfig(every=1, k=2, use_lm=False, baselines=(), cold_threshold=2), progress=False)
     cold = res["cold"]
     assert cold["threshold"] == 2 and cold["evaluations"] == 4  # all but p5
     assert cold["popularity"]["hr@2"] == pytest.approx((1 / 4 + 1 / 3 + 1 + 1 / 2) / 4)
     assert cold["popularity"]["ndcg@2"] == pytest.approx((L3 / 4 + L3 / 3 + 1 + L3 / 2) / 4)
     assert set(cold) >= {"driftrec", "popularity", "decayed_popularity", "itemknn"}
     assert cold["evaluations_new_item"] == 3  # i2 at p2, i3 at p4, i5 at p8 had no interaction yet
-    one = evaluate(tiny_log(), EvalConfig(every=1, k=2, use_lm=False, cold_threshold=1), progress=False)["cold"]
+    one = evaluate(tiny_log(), EvalConfig(every=1, k=2, use_lm=False, baselines=(), cold_threshold=1), progress=False)["cold"]
     assert one["evaluations"] == 3  # p6's i3 had one positive before
     assert one["popularity"]["hr@2"] == pytest.approx((1 / 4 + 1 / 3 + 1 / 2) / 3)
     # every item is cold below a threshold above any count: the cold metrics are the overall ones
-    every = evaluate(tiny_log(), EvalConfig(every=1, k=2, use_lm=False, cold_threshold=100), progress=False)
+    every = evaluate(tiny_log(), EvalConfig(every=1, k=2, use_lm=False, baselines=(), cold_threshold=100), progress=False)
     assert every["cold"]["evaluations"] == every["evaluations"] == 5
     for n in every["results"]:
-        assert every["cold"][n] == pytest.approx(every["results"][n])
+        overall = {m: every["results"][n][m] for m in ("hr@2", "ndcg@2")}
+        assert every["cold"][n] == pytest.approx(overall)
+        assert every["results"][n]["cold"]["count"] == 5
+        assert every["results"][n]["cold"]["hr@2"] == pytest.approx(overall["hr@2"])
 
 
 def test_never_interacted_items_are_ranked():
@@ -49,7 +52,7 @@ def test_never_interacted_items_are_ranked():
             ("u4", "c", 5), ("u4", "d", 5), ("u3", "new", 5)]
     events = [Interaction(u, i, float(r), float(t)) for t, (u, i, r) in enumerate(rows)]
     log_ = RatingLog(events, items, "test", "tiny")
-    res = evaluate(log_, EvalConfig(every=1, k=2, use_lm=False, warmup_frac=0.5), progress=False)
+    res = evaluate(log_, EvalConfig(every=1, k=2, use_lm=False, baselines=(), warmup_frac=0.5), progress=False)
     assert res["cold"]["evaluations_new_item"] == 1  # "new" at the last event, among c, d and new for u3
     assert res["cold"]["new_item"]["driftrec"]["hr@2"] > 0
     assert res["cold"]["driftrec_topk_new_items"] > 0
@@ -120,7 +123,7 @@ def world(tmp_path_factory):
 
 def _run(world, tmp_path, name, *extra):
     out = tmp_path / f"{name}.json"
-    rc = evaluate_main(["--data", str(world["data"]), "--format", "ml-100k", "--every", "1", "--no-lm", "--quiet",
+    rc = evaluate_main(["--data", str(world["data"]), "--format", "ml-100k", "--every", "1", "--no-lm", "--baselines", "", "--quiet",
                         "--json", str(out), *extra])
     assert rc == 0
     return json.loads(out.read_text())
@@ -136,7 +139,7 @@ def test_evaluate_with_kg_both_formats(world, tmp_path, capsys):
         info = res["kg"]
         assert info["used"] and info["gate"]["mode"] == "force"
         assert info["stats"]["items_linked"] == N_CLUSTERS * PER_CLUSTER
-        assert info["alpha"] == 0.0 and info["alpha_effective"] == 0.0
+        assert info["alpha"] == EvalConfig.kg_alpha and info["alpha_effective"] == 0.0  # --no-lm: no model to train
         assert res["system"]["features"][-2:] == ["kg", "kg_cold"]
         assert set(res["cold"]) >= {"driftrec", "itemknn", "popularity", "decayed_popularity", "evaluations"}
     assert rec["kg"]["report"].startswith(f"{2 * N_CLUSTERS * PER_CLUSTER} triples kept")
@@ -147,7 +150,7 @@ def test_evaluate_with_kg_both_formats(world, tmp_path, capsys):
 
 
 def test_kg_cli_errors(world, tmp_path, capsys):
-    args = ["--data", str(world["data"]), "--no-lm", "--quiet"]
+    args = ["--data", str(world["data"]), "--no-lm", "--baselines", "", "--quiet"]
     assert evaluate_main(args + ["--kg", str(tmp_path / "nope")]) == 2
     assert "error:" in capsys.readouterr().err
     assert evaluate_main(args + ["--kg-link", str(world["links"])]) == 2
@@ -158,7 +161,7 @@ def test_gate_opens_for_an_aligned_graph_and_closes_for_misaligned_links(world):
     from driftrec.model.evaluation.movielens import load
 
     log_ = load(world["data"], "ml-100k")
-    cfg = EvalConfig(use_lm=False, kg_gate_k=5, warmup_frac=0.4)
+    cfg = EvalConfig(use_lm=False, baselines=(), kg_gate_k=5, warmup_frac=0.4)
     kg = load_kg(world["recbole"], item_ids=list(log_.items))
     warm = log_.events[: int(cfg.warmup_frac * len(log_.events))]
     good = kg_gate(warm, kg, list(log_.items), cfg)
@@ -175,20 +178,31 @@ def test_gate_opens_for_an_aligned_graph_and_closes_for_misaligned_links(world):
     assert opened["results"]["driftrec"]["hr@10"] >= base["results"]["driftrec"]["hr@10"]
 
 
-def test_kg_alpha_trains_the_adapter_with_the_kg_loss(world, tmp_path):
-    """--kg-alpha > 0 with the LM: the replay's adapter updates optimise L_rec + alpha * L_KG."""
+def test_kg_alpha_trains_the_knowledge_model_with_the_kg_loss(world, tmp_path):
+    """--kg-alpha > 0: the knowledge model's fits optimise L_rec + alpha * L_KG; every arm is reported on
+    the same points (ablations without the LM and without the KG, the model alone, SASRec)."""
     res = _run_lm(world, tmp_path)
     info = res["kg"]
     assert info["used"] and info["alpha_effective"] == 0.5
-    updates = res["system"]["lm"]["updates"]
-    assert updates and all(u.get("kg_loss", 0) > 0 for u in updates)
+    fits = res["system"]["lm"]["fits"]
+    assert len(fits) >= 2 and all(f["kg_loss"] > 0 for f in fits)
+    assert set(res["results"]) == {"driftrec", "lm_only", "sasrec", "popularity", "decayed_popularity", "itemknn"}
+    assert set(res["ablations"]) == {"no_lm", "no_kg"}
+    assert {f["arm"] for f in res["fits"]} == {"driftrec", "no_lm", "no_kg", "sasrec"}
+    no_kg_fits = [f for f in res["fits"] if f["arm"] == "no_kg"]
+    assert all(f["kg_loss"] is None for f in no_kg_fits)  # no graph, no graph loss
+    for block in list(res["results"].values()) + list(res["ablations"].values()):
+        cold = block["cold"]
+        assert cold["count"] == res["cold"]["evaluations"]
+        assert cold["never_interacted"]["count"] == res["cold"]["evaluations_new_item"]
+    assert res["system"]["features"][-4:] == ["km", "km_rank", "kg", "kg_cold"]
 
 
 def _run_lm(world, tmp_path):
     out = tmp_path / "lm.json"
     rc = evaluate_main(["--data", str(world["data"]), "--every", "5", "--quiet", "--json", str(out),
                         "--kg", str(world["recbole"]), "--kg-gate", "force", "--kg-alpha", "0.5",
-                        "--lm-initial-steps", "1", "--lm-update-steps", "1", "--lm-update-every", "300",
-                        "--limit", "400", "--threads", "1"])
+                        "--model-set", "init_epochs=2", "--model-set", "epochs=1", "--model-set", "dim=16",
+                        "--lm-update-every", "150", "--limit", "400", "--threads", "1"])
     assert rc == 0
     return json.loads(out.read_text())

@@ -1,0 +1,507 @@
+"""The ranking policy: the one ranking system that ``driftrec evaluate`` replays and ``driftrec worker`` serves.
+
+Candidates and features come from online sources that learn from every interaction (co-visitation
+item-kNN, a sequence-aware item-kNN, popularity and decayed popularity, item statistics, genre and year
+affinity, the knowledge graph's neighbours of the user's likes) and from the knowledge model
+(:class:`~driftrec.model.base.ItemSequenceModel`: the language model's text knowledge and the graph's
+entity embeddings, over the user's item sequence). A River model fuses them into the final score and
+learns online, pairwise, at every positive on an item new to the user, against negatives drawn from
+the policy's own top-ranked items and from the catalogue.
+
+The policy is a pure function of what it observed and of the knowledge model it was given: the replay
+feeds it a MovieLens log event by event, the worker feeds it the interaction topics through a follower,
+and both ask :meth:`RankingPolicy.score_all` / :meth:`RankingPolicy.recommend`. Same events in the same
+order and the same model version give the same lists.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from driftrec.core.contracts import Item
+from driftrec.model.base import ItemSequenceModel
+from driftrec.model.ranking.corrections import RiverCorrector
+from driftrec.model.ranking.sources import DecayedPopularitySource, ItemKNNSource, LMTextNeighbourSource, PopularitySource
+
+__all__ = ["PolicyConfig", "RankingPolicy"]
+
+BASE_FEATURES = (
+    "knn", "knn_seq", "knn_last", "pop", "dpop", "dpop_fast", "genre",
+    "item_pos_rate", "item_recency", "item_age", "year_gap",
+)
+TEXT_FEATURES = ("lm_nb",)  # text neighbours of the user's recent items (the LM's item vectors)
+MODEL_FEATURES = ("km", "km_rank")  # the knowledge model's score and its rank (as 1/(1+rank/10))
+KG_FEATURES = ("kg", "kg_cold")  # graph neighbours of the user's likes; the same where items are cold
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """How the policy learns; validated on construction (the same values drive replay and worker)."""
+
+    positive_threshold: float = 4.0
+    half_life_s: float = 2 * 86400.0
+    knn_user_decay: float = 0.9
+    knn_pair_decay: float = 0.9
+    knn_max_history: int = 60
+    negatives: int = 6
+    hard_pool: int = 50
+    corrector_lr: float = 0.005
+    corrector_min_updates: int = 2000
+    cold_threshold: int = 5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.knn_user_decay <= 1 or not 0 < self.knn_pair_decay <= 1:
+            raise ValueError("knn decays must be in (0, 1]")
+        if self.half_life_s <= 0:
+            raise ValueError("half_life_s must be > 0")
+        for name in ("knn_max_history", "negatives", "hard_pool"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.corrector_lr <= 0:
+            raise ValueError("corrector_lr must be > 0")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_settings(cls, ranking=None, **overrides) -> "PolicyConfig":
+        """The policy config of ``ranking`` (a :class:`~driftrec.core.settings.RankingSettings`; default: its
+        defaults) with ``overrides``: the one way the worker and the replay build theirs."""
+        from driftrec.core.settings import RankingSettings
+
+        ranking = RankingSettings() if ranking is None else ranking
+        if overrides:
+            ranking = ranking.model_copy(update=overrides)
+            ranking = RankingSettings(**ranking.model_dump())  # validate the overrides too
+        return cls(**ranking.policy_options())
+
+
+class PolicyState:
+    """What the policy learns from interactions apart from its fusion: the candidate sources, item
+    statistics, user histories and genre profiles. Several policies (the full system and its ablations in
+    a replay) can share one state: it is updated once per interaction, after they all learned from it."""
+
+    _ARRAYS = (("n_int", 0.0), ("n_pos", 0.0), ("first_ts", np.nan), ("last_ts", np.nan), ("G", 0.0),
+               ("Gn", 0.0), ("years", np.nan))
+
+    def __init__(self, cfg: PolicyConfig, items: Mapping[str, Item], item_ids: Sequence[str], *, kg=None) -> None:
+        self.cfg = cfg
+        self.items = dict(items)
+        self.item_ids: list[str] = []
+        self.index: dict[str, int] = {}
+        self.pop = PopularitySource()
+        self.dpop = DecayedPopularitySource(half_life_s=cfg.half_life_s)
+        self.dpop_fast = DecayedPopularitySource(half_life_s=cfg.half_life_s / 8)
+        self.knn = ItemKNNSource()
+        self.knn_seq = ItemKNNSource(user_decay=cfg.knn_user_decay, pair_decay=cfg.knn_pair_decay,
+                                     max_history=cfg.knn_max_history)
+        self.sources = [self.pop, self.dpop, self.dpop_fast, self.knn, self.knn_seq]
+        self.kg = kg
+        if kg is not None:
+            self.sources.append(kg)
+        self.genre_index = {g: j for j, g in enumerate(sorted({g for it in self.items.values() for g in it.genres}))}
+        n0 = 0  # arrays grow in add_item (the catalogue below first, in one go)
+        self.n_int = np.zeros(n0)
+        self.n_pos = np.zeros(n0)
+        self.first_ts = np.full(n0, np.nan)
+        self.last_ts = np.full(n0, np.nan)
+        self.G = np.zeros((n0, max(len(self.genre_index), 1)))
+        self.Gn = self.G.copy()
+        self.years = np.full(n0, np.nan)
+        self.hist: dict[str, list[tuple[int, float]]] = {}
+        self.seen: dict[str, set[int]] = {}
+        self.ugenre: dict[str, np.ndarray] = {}
+        self.observed = 0
+        self.listeners: list = []  # called with the new item index (policies keep their models in step)
+        self._memo: tuple | None = None
+        self._reserve(len(item_ids))
+        for iid in item_ids:
+            self.add_item(iid, self.items.get(iid))
+
+    # --------------------------------------------------------------------------------- catalogue
+
+    def _reserve(self, n: int) -> None:
+        """Per-item arrays for ``n`` items (they hold exactly the known items; capacity grows by doubling)."""
+        cap = getattr(self, "_cap", 0)
+        if n <= cap:
+            return
+        cap = max(n, 2 * cap, 16)
+        for name, fill in self._ARRAYS:
+            a = getattr(self, "_" + name, None)
+            if a is None:
+                a = getattr(self, name)
+            b = np.full((cap,) + a.shape[1:], fill)
+            b[: len(self.item_ids)] = a[: len(self.item_ids)]
+            setattr(self, "_" + name, b)
+        self._cap = cap
+        self._expose()
+
+    def _expose(self) -> None:
+        n = len(self.item_ids)
+        for name, _ in self._ARRAYS:
+            setattr(self, name, getattr(self, "_" + name)[:n])
+
+    def add_item(self, item_id: str, item: Item | None = None) -> int:
+        """Make ``item_id`` known (idempotent; metadata refreshed when given); returns its index."""
+        if item is not None:
+            self.items[item_id] = item
+        idx = self.index.get(item_id)
+        if idx is None:
+            idx = len(self.item_ids)
+            self._reserve(idx + 1)
+            self.item_ids.append(item_id)
+            self.index[item_id] = idx
+            self._expose()
+            self._memo = None
+            for src in self.sources:
+                src.add_item(item_id)
+            for listener in self.listeners:
+                listener(idx)
+        meta = self.items.get(item_id)
+        if meta is not None:
+            self.G[idx] = 0.0
+            for g in meta.genres:
+                j = self.genre_index.get(g)
+                if j is None:  # a genre first seen now: one more column for everyone
+                    j = self.genre_index[g] = len(self.genre_index)
+                    if j >= self.G.shape[1]:
+                        self._G = np.pad(self._G, ((0, 0), (0, 1)))
+                        self._Gn = np.pad(self._Gn, ((0, 0), (0, 1)))
+                        self._expose()
+                        self.ugenre = {u: np.pad(v, (0, 1)) for u, v in self.ugenre.items()}
+                self.G[idx, j] = 1.0
+            norm = np.linalg.norm(self.G[idx])
+            self.Gn[idx] = self.G[idx] / norm if norm > 0 else 0.0
+            self.years[idx] = meta.year if meta.year else np.nan
+        return idx
+
+    # ---------------------------------------------------------------------------------- features
+
+    def base_features(self, user: str, cols: np.ndarray | None, ts: float) -> np.ndarray:
+        """The collaborative and content features (:data:`BASE_FEATURES`, then the graph's two when the
+        state has a graph source) of ``cols`` (None = every item; that one is memoised per state)."""
+        key = (user, ts, self.observed, len(self.item_ids))
+        if cols is None and self._memo is not None and self._memo[0] == key:
+            return self._memo[1]
+        cfg = self.cfg
+        n_all = len(self.item_ids)
+        idx = np.arange(n_all) if cols is None else np.asarray(cols, dtype=np.int64)
+        sub = None if cols is None else idx
+        m = len(idx)
+        hist = self.hist.get(user, [])
+        nh = len(hist)
+        F = np.zeros((m, len(BASE_FEATURES) + (len(KG_FEATURES) if self.kg is not None else 0)))
+        if nh:
+            knn = self.knn.score_items(user, sub) / nh
+            w = cfg.knn_user_decay ** np.arange(min(nh, cfg.knn_max_history))
+            knn_seq = self.knn_seq.score_items(user, sub) / w.sum()
+            knn_last = self.knn_seq.similarity_rows(np.asarray([hist[-1][0]]), sub)[0]
+            F[:, 0] = np.log1p(100.0 * knn)
+            F[:, 1] = np.log1p(100.0 * knn_seq)
+            F[:, 2] = np.log1p(100.0 * knn_last)
+        F[:, 3] = np.log1p(self.n_int[idx])
+        F[:, 4] = np.log1p(self.dpop.score_all(user, ts)[idx])
+        F[:, 5] = np.log1p(self.dpop_fast.score_all(user, ts)[idx])
+        ug = self.ugenre.get(user)
+        if ug is not None:
+            nrm = np.linalg.norm(ug)
+            if nrm > 0:
+                F[:, 6] = self.Gn[idx] @ (ug / nrm)
+        F[:, 7] = (self.n_pos[idx] + 1.0) / (self.n_int[idx] + 2.0)
+        last_ts, first_ts = self.last_ts[idx], self.first_ts[idx]
+        F[:, 8] = np.where(np.isnan(last_ts), 12.0, np.log1p(np.maximum(ts - np.nan_to_num(last_ts), 0) / 3600.0))
+        F[:, 9] = np.where(np.isnan(first_ts), 0.0, np.log1p(np.maximum(ts - np.nan_to_num(first_ts), 0) / 86400.0))
+        if nh:
+            ys = self.years[[i for i, _ in hist[-20:]]]
+            ys = ys[~np.isnan(ys)]
+            if len(ys):
+                yg = np.abs(self.years[idx] - ys.mean()) / 10.0
+                F[:, 10] = np.where(np.isnan(yg), 1.0, yg)
+        if self.kg is not None:
+            kg = np.log1p(self.kg.score_all(user, ts)[idx])
+            F[:, 11] = kg
+            F[:, 12] = np.where(self.n_pos[idx] < cfg.cold_threshold, kg, 0.0)
+        if cols is None:
+            self._memo = (key, F)
+        return F
+
+    def allowed(self, user: str) -> np.ndarray:
+        """The mask of items ``user`` has not interacted with."""
+        allowed = np.ones(len(self.item_ids), dtype=bool)
+        seen = self.seen.get(user)
+        if seen:
+            allowed[list(seen)] = False
+        return allowed
+
+    # ---------------------------------------------------------------------------------- learning
+
+    def update(self, user: str, item: str, rating: float | None, ts: float) -> None:
+        """Take one interaction into the sources, item statistics and the user's history."""
+        i = self.add_item(item)
+        positive = rating is None or rating >= self.cfg.positive_threshold
+        r = 5.0 if rating is None else float(rating)
+        for src in self.sources:
+            src.learn_one(user, item, r, ts)
+        self.n_int[i] += 1
+        self.n_pos[i] += positive
+        if np.isnan(self.first_ts[i]):
+            self.first_ts[i] = ts
+        self.last_ts[i] = ts if np.isnan(self.last_ts[i]) else max(self.last_ts[i], ts)
+        self.hist.setdefault(user, []).append((i, r))
+        self.seen.setdefault(user, set()).add(i)
+        ug = self.ugenre.get(user)
+        if ug is None:
+            ug = self.ugenre[user] = np.zeros(self.G.shape[1])
+        ug += self.G[i] * (1.0 if positive else 0.3)
+        self.observed += 1
+        self._memo = None
+
+    def histories(self) -> Iterable[tuple[str, list[tuple[str, float]]]]:
+        """Every user's interactions so far, oldest first (what the knowledge model trains on)."""
+        for user, h in self.hist.items():
+            yield user, [(self.item_ids[i], r) for i, r in h]
+
+
+class RankingPolicy:
+    """Candidate sources -> features -> River fusion; learns from every interaction it observes.
+
+    ``items``: the catalogue (item id -> :class:`Item`, for genres and year); ``item_ids`` fixes the item
+    order of every score vector (items added later are appended). ``model``: the knowledge model, or None
+    (the policy then ranks with the collaborative features only); ``kg``: the knowledge graph's candidate
+    source (:class:`~driftrec.model.knowledge.candidates.KGCandidates`, empty: the state adds the catalogue
+    and feeds it), or None. ``use_text``: the ``lm_nb`` feature from the model's LM text vectors;
+    ``use_kg``: the graph features (when the state has a graph). ``state``: share another policy's
+    :class:`PolicyState` (that policy updates it; this one only learns its fusion).
+    """
+
+    def __init__(self, cfg: PolicyConfig, items: Mapping[str, Item], item_ids: Sequence[str], *,
+                 model: ItemSequenceModel | None = None, kg=None, use_text: bool = True, use_kg: bool = True,
+                 state: PolicyState | None = None) -> None:
+        self.cfg = cfg
+        self.owns_state = state is None
+        self.state = state if state is not None else PolicyState(cfg, items, item_ids, kg=kg)
+        self.use_text = use_text
+        self.use_kg = use_kg and self.state.kg is not None
+        self.lm_nb = LMTextNeighbourSource(recent=10, user_decay=0.85)
+        for iid in self.state.item_ids:
+            self.lm_nb.add_item(iid)
+        self.corrector = RiverCorrector(learning_rate=cfg.corrector_lr, min_updates=cfg.corrector_min_updates)
+        self.rng = np.random.default_rng(cfg.seed)
+        self.model: ItemSequenceModel | None = None
+        self._km_memo: tuple | None = None
+        self.state.listeners.append(self._item_added)
+        self.set_model(model)
+
+    # -- the state, as seen from the policy
+    @property
+    def item_ids(self) -> list[str]:
+        return self.state.item_ids
+
+    @property
+    def index(self) -> dict[str, int]:
+        return self.state.index
+
+    @property
+    def hist(self):
+        return self.state.hist
+
+    @property
+    def seen(self):
+        return self.state.seen
+
+    @property
+    def n_int(self) -> np.ndarray:
+        return self.state.n_int
+
+    @property
+    def n_pos(self) -> np.ndarray:
+        return self.state.n_pos
+
+    @property
+    def pop(self):
+        return self.state.pop
+
+    @property
+    def dpop(self):
+        return self.state.dpop
+
+    @property
+    def knn(self):
+        return self.state.knn
+
+    @property
+    def kg(self):
+        return self.state.kg if self.use_kg else None
+
+    def histories(self):
+        return self.state.histories()
+
+    def allowed(self, user: str) -> np.ndarray:
+        return self.state.allowed(user)
+
+    def add_item(self, item_id: str, item: Item | None = None) -> int:
+        return self.state.add_item(item_id, item)
+
+    # --------------------------------------------------------------------------------- the model
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        names = BASE_FEATURES
+        if self.model is not None:
+            names += (TEXT_FEATURES if self._text_on else ()) + MODEL_FEATURES
+        if self.use_kg:
+            names += KG_FEATURES
+        return names
+
+    @property
+    def _text_on(self) -> bool:
+        return self.use_text and self.model is not None and self.model.text_vectors() is not None
+
+    def set_model(self, model: ItemSequenceModel | None) -> None:
+        """Serve with ``model`` from now on (a new version after training, or a hot swap)."""
+        self.model = model
+        self._model_epoch = getattr(self, "_model_epoch", 0) + 1
+        self._km_memo = None
+        if model is not None:
+            self._sync_model_items()
+
+    def _item_added(self, idx: int) -> None:
+        self._km_memo = None
+        self.lm_nb.add_item(self.state.item_ids[idx])
+        if self.model is not None:
+            self._sync_model_items()
+
+    def _sync_model_items(self) -> None:
+        model, items = self.model, self.state.items
+        missing = [i for i in self.item_ids if not model.knows(i)]
+        if missing:
+            model.add_items([items[i] for i in missing if i in items])
+        if self._text_on:
+            known = [i for i in self.item_ids if model.knows(i)]
+            self.lm_nb.set_item_vectors(known, model.text_vectors(known))
+
+    def model_scores(self, user: str) -> np.ndarray:
+        """The knowledge model's scores of every item for ``user`` (zeros without a model); the last
+        answer is kept until the user's history, the catalogue or the model changes."""
+        n = len(self.item_ids)
+        if self.model is None:
+            return np.zeros(n)
+        hist = self.hist.get(user, ())
+        key = (user, len(hist), n, self._model_epoch)
+        if self._km_memo is not None and self._km_memo[0] == key:
+            return self._km_memo[1]
+        km = np.asarray(self.model.score_items([self.item_ids[i] for i, _ in hist], [r for _, r in hist],
+                                               self.item_ids), dtype=np.float64)
+        self._km_memo = (key, km)
+        return km
+
+    # ---------------------------------------------------------------------------------- features
+
+    def features(self, user: str, cols: np.ndarray | None, ts: float, *, km: np.ndarray | None = None) -> np.ndarray:
+        """The feature matrix (len(cols) x len(feature_names)); ``cols`` None = every item."""
+        base = self.state.base_features(user, cols, ts)
+        nb = len(BASE_FEATURES)
+        parts = [base[:, :nb]]
+        if self.model is not None:
+            n_all = len(self.item_ids)
+            idx = np.arange(n_all) if cols is None else np.asarray(cols, dtype=np.int64)
+            if self._text_on:
+                hist = self.hist.get(user)
+                col = (self.lm_nb.vectors[idx] @ self.lm_nb.user_vector(user)) if hist else np.zeros(len(idx))
+                parts.append(col[:, None])
+            km_all = self.model_scores(user) if km is None else km
+            order = np.argsort(-km_all, kind="stable")
+            rank = np.empty(n_all)
+            rank[order] = np.arange(n_all)
+            parts.append(np.stack([km_all[idx], 1.0 / (1.0 + rank[idx] / 10.0)], axis=1))
+        if self.use_kg:
+            parts.append(base[:, nb:nb + len(KG_FEATURES)])
+        return np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+
+    # ----------------------------------------------------------------------------------- ranking
+
+    def score_all(self, user: str, ts: float) -> np.ndarray:
+        """The fused score of every item (aligned with :attr:`item_ids`) for ``user`` at time ``ts``."""
+        return self.corrector.predict_many(self.features(user, None, ts), self.feature_names)
+
+    def top(self, scores: np.ndarray, allowed: np.ndarray, k: int) -> np.ndarray:
+        """The ``k`` best allowed items, best first; ties broken by catalogue order (deterministic)."""
+        masked = np.where(allowed, scores, -np.inf)
+        order = np.lexsort((np.arange(len(masked)), -masked))[:k]
+        return order[np.isfinite(masked[order])]
+
+    def recommend(self, user: str, k: int, ts: float, *, exclude_seen: bool = True,
+                  candidates: Sequence[str] | None = None) -> list[tuple[str, float]]:
+        """The ``k`` best items for ``user`` (among ``candidates`` when given), with their scores."""
+        scores = self.score_all(user, ts)
+        allowed = self.allowed(user) if exclude_seen else np.ones(len(scores), dtype=bool)
+        if candidates is not None:
+            pick = np.zeros(len(scores), dtype=bool)
+            pick[[self.index[c] for c in candidates if c in self.index]] = True
+            allowed &= pick
+        return [(self.item_ids[j], float(scores[j])) for j in self.top(scores, allowed, k)]
+
+    def hard_pool(self, scores: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+        """The (up to) ``cfg.hard_pool`` highest-scored allowed items, unordered: half of the fusion's
+        negatives come from here."""
+        masked = np.where(allowed, scores, -np.inf)
+        k = self.cfg.hard_pool
+        top = np.argpartition(-masked, k)[:k] if len(masked) > k else np.arange(len(masked))
+        return top[np.isfinite(masked[top])]
+
+    # ---------------------------------------------------------------------------------- learning
+
+    def _negatives(self, user: str, pos: int, ranked: np.ndarray | None) -> list[int]:
+        """Half from the policy's own top-ranked items (when it ranked), the rest from the catalogue."""
+        seen = self.seen.get(user, set())
+        k = self.cfg.negatives
+        n = len(self.item_ids)
+        out: list[int] = []
+        hard = k // 2
+        tries = 0
+        while len(out) < k and tries < 20 * k:
+            tries += 1
+            if len(out) < hard and ranked is not None and len(ranked):
+                c = int(ranked[self.rng.integers(len(ranked))])
+            else:
+                c = int(self.rng.integers(n))
+            if c != pos and c not in seen and c not in out:
+                out.append(c)
+        return out
+
+    def learn(self, user: str, item: str, rating: float | None, ts: float, *,
+              scores: np.ndarray | None = None) -> None:
+        """The fusion's part of learning one interaction (the state is not touched): at a positive on an
+        item new to the user, pairwise updates against negatives, half of them from the policy's own
+        current top items (``scores``: its :meth:`score_all` for this user at ``ts`` when the caller
+        has it already; computed here otherwise)."""
+        i = self.add_item(item)
+        positive = rating is None or rating >= self.cfg.positive_threshold
+        if not positive or i in self.seen.get(user, ()):
+            return
+        if scores is None:
+            scores = self.score_all(user, ts)
+        ranked = self.hard_pool(scores, self.allowed(user))
+        negs = self._negatives(user, i, ranked)
+        cols = np.asarray([i] + negs, dtype=np.int64)
+        F = self.features(user, cols, ts)
+        names = self.feature_names
+        for r in range(1, len(cols)):
+            # RankNet-style: x_pos - x_neg -> 1 and the mirror -> 0, so the linear score ranks
+            d = F[0] - F[r]
+            self.corrector.learn_one(dict(zip(names, d.tolist())), 1.0)
+            self.corrector.learn_one(dict(zip(names, (-d).tolist())), 0.0)
+
+    def observe(self, user: str, item: str, rating: float | None, ts: float, *,
+                scores: np.ndarray | None = None) -> None:
+        """Learn one interaction (``rating`` None = a click, taken as a positive): the fusion
+        (:meth:`learn`), then the state, when this policy owns it."""
+        self.learn(user, item, rating, ts, scores=scores)
+        self.lm_nb.learn_one(user, item, 5.0 if rating is None else float(rating), ts)
+        if self.owns_state:
+            self.state.update(user, item, rating, ts)

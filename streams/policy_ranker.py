@@ -1,0 +1,288 @@
+"""The recommend stage served by the ranking policy: the worker ranks with what ``driftrec evaluate`` measures.
+
+:class:`PolicyRanker` (``ranking.engine: policy``) owns one
+:class:`~driftrec.model.ranking.policy.RankingPolicy`, built from ``settings.ranking`` through
+:meth:`PolicyConfig.from_settings` (the replay builds its config through the same function):
+
+* **Catalogue**: the policy is built once the catalogue follower has caught up, with the items in
+  catalogue arrival order (the order of every score vector, and the tie-break); later items join through
+  ``app.catalogue.on_item`` -> ``policy.add_item``.
+* **Learning**: an :class:`~driftrec.core.followers.InteractionFollower` feeds ``policy.observe`` with every
+  click (a positive, rating None) and rating of *every* worker, in topic order (one partition per topic
+  keeps the global order; with several, the order within each partition). Interactions read before
+  the policy exists wait in a buffer and are observed, in order, right after it is built.
+  ``driftrec_ranking_observed_total`` counts what was observed.
+* **Knowledge model**: loaded from ``<model.adapter_dir>/knowledge/<model.default_domain>/<ACTIVE>``
+  before the policy observes anything, and the ACTIVE pointer is re-read every
+  ``ranking.model_watch_interval_s`` (file reads and loading in a thread); a new version is verified and
+  hot-swapped with ``policy.set_model``. A rejected checkpoint is logged and counted
+  (``driftrec_checkpoint_rejections_total{reason}``) and the old model keeps serving.
+* **Ranking**: ``policy.recommend`` at the request's event time; reasons from the item's features
+  (co-visitation, knowledge graph, the knowledge model's taste, popularity). Any exception -> the
+  flagged popularity fallback (``driftrec_recommendation_fallbacks_total{reason="policy_error"}``), as
+  before the policy is ready (``policy_not_ready``).
+
+Everything runs on the worker's event loop thread (the follower's callbacks, the stage's ``rank``), so
+the policy sees no concurrent mutation; only file reads and checkpoint loading go to a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections import OrderedDict, deque
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from driftrec.core import metrics
+from driftrec.core.contracts import Click, Item, Rating, RecommendationRequest, RecommendedItem
+from driftrec.streams.ranking import Ranked, Ranker
+
+if TYPE_CHECKING:
+    from driftrec.model.ranking.policy import RankingPolicy
+    from driftrec.streams.app import DriftrecApp
+
+log = logging.getLogger(__name__)
+
+KNOWLEDGE_SUBDIR = "knowledge"
+COLLABORATIVE = "collaborative"  # model_version when no knowledge model serves
+
+# feature -> the reason group it speaks for
+_GROUPS = {
+    "knn": "covisit", "knn_seq": "covisit", "knn_last": "covisit",
+    "kg": "kg", "kg_cold": "kg",
+    "km": "taste", "km_rank": "taste", "lm_nb": "taste", "genre": "taste", "year_gap": "taste",
+    "pop": "popular", "dpop": "popular", "dpop_fast": "popular", "item_pos_rate": "popular",
+}
+REASONS = {
+    "covisit": "people who chose your recent items also chose this",
+    "kg": "related to items you liked (knowledge graph)",
+    "taste": "matches your taste",
+    "popular": "popular right now",
+}
+
+
+class PolicyRanker(Ranker):
+    """The ranking policy in the worker (see the module docstring)."""
+
+    def __init__(self, app: "DriftrecApp") -> None:
+        super().__init__(app)
+        from driftrec.core.followers import InteractionFollower
+        from driftrec.model.ranking.policy import PolicyConfig
+        from driftrec.streams.app import follow
+
+        s = app.settings
+        self.cfg = PolicyConfig.from_settings(s.ranking)
+        self.domain = s.model.default_domain
+        self.model_root = Path(s.model.adapter_dir) / KNOWLEDGE_SUBDIR
+        self.watch_interval_s = s.ranking.model_watch_interval_s
+        self.policy: RankingPolicy | None = None
+        self.model_version: str | None = None  # the ACTIVE version served (None: no knowledge model)
+        self.model_name = COLLABORATIVE
+        self._rejected: str | None = None  # the version last refused (not retried until ACTIVE changes)
+        self._pending: deque[Click | Rating] = deque()
+        self._live = False  # the policy exists and the buffer is drained: observe directly
+        self.observed = 0
+        self.shown: OrderedDict[str, dict[str, int]] = OrderedDict()
+        self.online: deque[tuple[float, float]] = deque(maxlen=1000)
+        self.follower = follow(app, InteractionFollower(s, app.bootstrap_servers))
+        self.follower.listen(self._on_interaction)
+        app.catalogue.on_item(self._on_item)
+
+        async def run_policy_ranker() -> None:
+            await self.run()
+
+        app.task(run_policy_ranker)
+
+    # -- start-up and the model watch ---------------------------------------------------------------
+    async def run(self) -> None:
+        """Build the policy (catalogue caught up, model loaded), then watch the model's ACTIVE pointer."""
+        await self.start()
+        while True:
+            await asyncio.sleep(self.watch_interval_s)
+            try:
+                await self.check_model()
+            except Exception:  # noqa: BLE001 - the watch must go on
+                log.exception("knowledge model check failed")
+
+    async def start(self) -> None:
+        catalogue = self.app.catalogue
+        caught_up = getattr(catalogue, "caught_up", None)
+        if caught_up is not None:
+            await caught_up.wait()
+        model = await self._load_active()
+        self.build(model)
+        await self._drain()
+
+    def build(self, model=None) -> None:
+        """The policy over the catalogue as it is now (arrival order), serving ``model``."""
+        from driftrec.model.ranking.policy import RankingPolicy
+
+        items: dict[str, Item] = dict(self.app.catalogue.items)
+        self.policy = RankingPolicy(self.cfg, items, list(items), model=model)
+        self.model_name = model.version if model is not None else COLLABORATIVE
+        log.info("ranking policy built: %d items, model %s", len(items), self.model_name)
+
+    async def _drain(self) -> None:
+        """Observe what the follower delivered before the policy existed, in order; then go live."""
+        n = 0
+        while self._pending:
+            self._observe(self._pending.popleft())
+            n += 1
+            if n % 1000 == 0:
+                await asyncio.sleep(0)  # let the loop breathe; new events keep queueing behind
+        self._live = True
+
+    async def _load_active(self):
+        """The ACTIVE knowledge model (verified), or None when there is none or it is refused."""
+        from driftrec.model.knowledge.checkpoint import active_version
+
+        version = await asyncio.to_thread(active_version, self.model_root, self.domain)
+        if version is None:
+            log.info("no knowledge model under %s/%s: ranking with the collaborative features", self.model_root,
+                     self.domain)
+            return None
+        return await self._load(version)
+
+    async def _load(self, version: str):
+        from driftrec.model.knowledge.checkpoint import CheckpointRejected, load_knowledge
+
+        items = dict(self.app.catalogue.items)  # the texts the LM re-embeds come from the catalogue
+        folder = self.model_root / self.domain / version
+        try:
+            model = await asyncio.to_thread(load_knowledge, folder, items)
+        except CheckpointRejected as exc:
+            self._reject(version, exc.reason, str(exc))
+            return None
+        except Exception as exc:  # noqa: BLE001 - whatever is wrong with it, it is not served
+            self._reject(version, "corrupt", repr(exc))
+            return None
+        self.model_version = version
+        return model
+
+    def _reject(self, version: str, reason: str, message: str) -> None:
+        self._rejected = version
+        metrics.CHECKPOINT_REJECTIONS.labels(reason=reason).inc()
+        log.error("knowledge model %s/%s refused (%s): %s; %s keeps serving", self.domain, version, reason, message,
+                  self.model_name)
+
+    async def check_model(self) -> bool:
+        """Swap in the ACTIVE version when it changed (True when swapped)."""
+        from driftrec.model.knowledge.checkpoint import active_version
+
+        if self.policy is None:
+            return False
+        version = await asyncio.to_thread(active_version, self.model_root, self.domain)
+        if version is None or version == self.model_version or version == self._rejected:
+            return False
+        model = await self._load(version)
+        if model is None:
+            return False
+        self.policy.set_model(model)
+        self.model_name = model.version
+        log.info("knowledge model %s now serving", model.version)
+        return True
+
+    # -- learning -------------------------------------------------------------------------------------
+    def _on_item(self, item: Item) -> None:
+        if self.policy is not None:
+            kept = self.app.catalogue.items.get(item.item_id, item)  # an older entry replayed: keep the newer
+            self.policy.add_item(kept.item_id, kept)
+
+    def _on_interaction(self, ev: Click | Rating) -> None:
+        if self._live:
+            self._observe(ev)
+        else:
+            self._pending.append(ev)
+
+    def _observe(self, ev: Click | Rating) -> None:
+        rating = float(ev.rating) if isinstance(ev, Rating) else None
+        try:
+            self.policy.observe(ev.user_id, ev.item_id, rating, ev.event_time)
+        except Exception:  # noqa: BLE001 - one bad event must not stop learning
+            log.exception("the ranking policy failed to learn an event")
+            return
+        finally:
+            if rating is None or rating >= 3:  # the fallback's popularity, from every worker's events
+                self.popularity.learn_one(ev.user_id, ev.item_id, rating, ev.event_time)
+        self.observed += 1
+        metrics.RANKING_OBSERVED.inc()
+
+    def learn_popularity(self, ev: Click | Rating) -> None:
+        pass  # the interaction follower feeds it (every worker's events)
+
+    def learn(self, ev: Click | Rating) -> None:
+        """Feedback on what this worker served (its users are its partitions): the online HR@10/NDCG@10."""
+        super().learn(ev)
+        ranks = self.shown.get(ev.user_id)
+        if ranks is None:
+            return
+        positive = isinstance(ev, Click) or ev.rating >= self.cfg.positive_threshold
+        if not positive:
+            return
+        rank = ranks.get(ev.item_id)
+        hit = rank is not None and rank < 10
+        self.online.append((1.0 if hit else 0.0, 1.0 / math.log2(rank + 2) if hit else 0.0))
+        metrics.ONLINE_HR_AT_10.labels(model="served").set(sum(h for h, _ in self.online) / len(self.online))
+        metrics.ONLINE_NDCG_AT_10.labels(model="served").set(sum(n for _, n in self.online) / len(self.online))
+
+    # -- ranking --------------------------------------------------------------------------------------
+    async def rank(self, req: RecommendationRequest) -> Ranked:
+        policy = self.policy
+        if policy is None or not self._live:
+            metrics.FALLBACKS.labels(reason="policy_not_ready").inc()
+            return self.fallback(req, reason="popular right now (ranking is starting)")
+        try:
+            top = policy.recommend(req.user_id, req.k, ts=req.event_time, exclude_seen=req.exclude_seen,
+                                   candidates=req.candidates or None)
+            reasons = self.reasons(req.user_id, [i for i, _ in top], req.event_time)
+        except Exception:  # noqa: BLE001 - the request is still answered
+            log.exception("the ranking policy failed on a request")
+            metrics.FALLBACKS.labels(reason="policy_error").inc()
+            return self.fallback(req, reason="popular right now (ranking failed)")
+        items = [RecommendedItem(item_id=i, score=round(float(s), 6), reason=r) for (i, s), r in zip(top, reasons)]
+        self.shown[req.user_id] = {i: n for n, (i, _) in enumerate(top)}
+        self.shown.move_to_end(req.user_id)
+        if len(self.shown) > self.max_users:
+            self.shown.popitem(last=False)
+        return Ranked(items=items, fallback=False, model_version=self.model_name,
+                      domain=req.domain or self.domain)
+
+    def reasons(self, user: str, item_ids: list[str], ts: float) -> list[str]:
+        """A short reason per item: the feature group that contributed most to its fused score."""
+        import numpy as np
+
+        policy = self.policy
+        if not item_ids:
+            return []
+        cols = np.asarray([policy.index[i] for i in item_ids], dtype=np.int64)
+        names = policy.feature_names
+        F = policy.features(user, cols, ts)
+        contrib = policy.corrector.contributions(F, names)
+        out = []
+        for r in range(len(cols)):
+            groups: dict[str, float] = {}
+            if contrib is not None and np.any(contrib[r] != 0):
+                for j, n in enumerate(names):
+                    g = _GROUPS.get(n)
+                    if g is not None:
+                        groups[g] = groups.get(g, 0.0) + float(contrib[r, j])
+                best = max(groups, key=groups.get) if groups else "popular"
+                out.append(REASONS[best if groups.get(best, 0.0) > 0 else "popular"])
+            else:  # the fusion has not learnt yet: the strongest raw signal
+                row = dict(zip(names, F[r].tolist()))
+                if row.get("knn", 0.0) > 0:
+                    out.append(REASONS["covisit"])
+                elif row.get("kg", 0.0) > 0:
+                    out.append(REASONS["kg"])
+                elif row.get("km_rank", 0.0) > 0.5:
+                    out.append(REASONS["taste"])
+                else:
+                    out.append(REASONS["popular"])
+        return out
+
+    def info(self) -> dict[str, Any]:
+        p = self.policy
+        return {"observed": self.observed, "model": self.model_name, "items": len(p.item_ids) if p else 0,
+                "live": self._live}
