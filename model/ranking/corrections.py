@@ -79,14 +79,7 @@ class RiverCorrector(Corrector):
         parts = self._linear_parts()
         if parts is None:
             return super().predict_many(X, names)
-        scaler, lr = parts
-        X = np.asarray(X, dtype=np.float64)
-        mean = np.array([scaler.means.get(n, 0.0) for n in names])
-        var = np.array([scaler.vars.get(n, 0.0) for n in names])
-        w = np.array([lr.weights.get(n, 0.0) for n in names])
-        with np.errstate(divide="ignore", invalid="ignore"):
-            Z = np.where(var > 0, (X - mean) / np.sqrt(np.where(var > 0, var, 1.0)), 0.0)
-        logit = Z @ w + float(lr.intercept)
+        logit = self.contributions(X, names).sum(axis=1) + float(parts[1].intercept)
         return 1.0 / (1.0 + np.exp(-np.clip(logit, -50, 50)))
 
     def weights(self) -> dict[str, float]:
