@@ -79,7 +79,8 @@ class RiverCorrector(Corrector):
         parts = self._linear_parts()
         if parts is None:
             return super().predict_many(X, names)
-        logit = self.contributions(X, names).sum(axis=1) + float(parts[1].intercept)
+        Z, w = self._standardised(X, names, parts)
+        logit = Z @ w + float(parts[1].intercept)
         return 1.0 / (1.0 + np.exp(-np.clip(logit, -50, 50)))
 
     def weights(self) -> dict[str, float]:
@@ -92,6 +93,12 @@ class RiverCorrector(Corrector):
         parts = self._linear_parts()
         if parts is None:
             return None
+        Z, w = self._standardised(X, names, parts)
+        return Z * w
+
+    @staticmethod
+    def _standardised(X: np.ndarray, names: Sequence[str], parts) -> tuple[np.ndarray, np.ndarray]:
+        """The scaler's standardisation of ``X`` (columns ``names``) and the model's weights."""
         scaler, lr = parts
         X = np.asarray(X, dtype=np.float64)
         mean = np.array([scaler.means.get(n, 0.0) for n in names])
@@ -99,7 +106,7 @@ class RiverCorrector(Corrector):
         w = np.array([lr.weights.get(n, 0.0) for n in names])
         with np.errstate(divide="ignore", invalid="ignore"):
             Z = np.where(var > 0, (X - mean) / np.sqrt(np.where(var > 0, var, 1.0)), 0.0)
-        return Z * w
+        return Z, w
 
 
 class LinearBlendCorrector(Corrector):
