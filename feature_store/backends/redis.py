@@ -109,6 +109,18 @@ return 1
 """
 
 
+def _fail_fast(client) -> None:
+    """No retries inside redis-py: the row sink retries a failed write itself, with back-off, and
+    counts why it failed. redis-py 7 retries a refused connection 3 times with up to 7 s of jittered
+    back-off, so a dead server looked like a hung one (the write hit ``feast.write_timeout_s``, its
+    writer process was killed) instead of failing at once with ``store_error``."""
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    if hasattr(client, "set_retry"):
+        client.set_retry(Retry(NoBackoff(), 0))
+
+
 class Rows(RowStore):
     """The Redis backend's row store: Feast's layout, one pipeline per batch (blocking).
 
@@ -149,6 +161,7 @@ class Rows(RowStore):
         ttl = int(oc.key_ttl_seconds or 0)
         client = online._get_client(oc)
         if self._script is None or self._script.registered_client is not client:
+            _fail_fast(client)
             self._script = client.register_script(WRITE_IF_NOT_OLDER)
         script = self._script
         pipe = client.pipeline(transaction=False)
