@@ -299,7 +299,7 @@ def run_through_stream(log_, cfg, workdir: str | os.PathLike, *, bootstrap: str 
     Tansu broker for the run. ``base_settings``: the worker's other settings (default ``Settings()``)."""
     from driftrec.core.broker import EmbeddedBroker, create_topics
     from driftrec.model.evaluation.prequential import SYSTEM
-    from driftrec.streams.policy_ranker import KNOWLEDGE_SUBDIR
+    from driftrec.model.knowledge.checkpoint import knowledge_root
 
     if cfg.kg:
         raise ValueError("--through-stream does not take a knowledge graph (the worker serves none)")
@@ -324,7 +324,7 @@ def run_through_stream(log_, cfg, workdir: str | os.PathLike, *, bootstrap: str 
         domain = settings.model.default_domain
         t0 = time.perf_counter()
         model, fit = train_and_publish(log_, cfg, events, n_warm, item_ids,
-                                       Path(settings.model.adapter_dir) / KNOWLEDGE_SUBDIR, domain=domain,
+                                       knowledge_root(settings.model.adapter_dir), domain=domain,
                                        version=version)
         train_s = time.perf_counter() - t0
         t0 = time.perf_counter()

@@ -12,6 +12,8 @@
   keeps the global order; with several, the order within each partition). Interactions read before
   the policy exists wait in a buffer and are observed, in order, right after it is built.
   ``driftrec_ranking_observed_total`` counts what was observed.
+* **Knowledge graph** (``ranking.kg_path``, optional): loaded with the catalogue; its candidate source
+  feeds the policy's graph features (the trainer puts the same graph in the model's objective).
 * **Knowledge model**: loaded from ``<model.adapter_dir>/knowledge/<model.default_domain>/<ACTIVE>``
   before the policy observes anything, and the ACTIVE pointer is re-read every
   ``ranking.model_watch_interval_s`` (file reads and loading in a thread); a new version is verified and
@@ -32,7 +34,6 @@ import asyncio
 import logging
 import math
 from collections import OrderedDict, deque
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from driftrec.core import metrics
@@ -45,7 +46,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-KNOWLEDGE_SUBDIR = "knowledge"
 COLLABORATIVE = "collaborative"  # model_version when no knowledge model serves
 
 # feature -> the reason group it speaks for
@@ -69,13 +69,14 @@ class PolicyRanker(Ranker):
     def __init__(self, app: "DriftrecApp") -> None:
         super().__init__(app)
         from driftrec.core.followers import InteractionFollower
+        from driftrec.model.knowledge.checkpoint import knowledge_root
         from driftrec.model.ranking.policy import PolicyConfig
         from driftrec.streams.app import follow
 
         s = app.settings
         self.cfg = PolicyConfig.from_settings(s.ranking)
         self.domain = s.model.default_domain
-        self.model_root = Path(s.model.adapter_dir) / KNOWLEDGE_SUBDIR
+        self.model_root = knowledge_root(s.model.adapter_dir)
         self.watch_interval_s = s.ranking.model_watch_interval_s
         self.policy: RankingPolicy | None = None
         self.model_version: str | None = None  # the ACTIVE version served (None: no knowledge model)
@@ -112,17 +113,31 @@ class PolicyRanker(Ranker):
         if caught_up is not None:
             await caught_up.wait()
         model = await self._load_active()
-        self.build(model)
+        graph = await asyncio.to_thread(self._load_graph)
+        self.build(model, graph)
         await self._drain()
 
-    def build(self, model=None) -> None:
-        """The policy over the catalogue as it is now (arrival order), serving ``model``."""
+    def _load_graph(self):
+        """``ranking.kg_path``'s graph as the policy's candidate source (None without one)."""
+        from driftrec.model.knowledge.candidates import KGCandidates
+        from driftrec.model.knowledge.graph import load_catalogue_graph
+
+        kg = load_catalogue_graph(self.app.settings.ranking.kg_path, dict(self.app.catalogue.items))
+        if kg is None:
+            return None
+        log.info("knowledge graph %s: %s", self.app.settings.ranking.kg_path, getattr(kg, "report", ""))
+        return KGCandidates(kg, positive_threshold=self.cfg.positive_threshold)
+
+    def build(self, model=None, graph=None) -> None:
+        """The policy over the catalogue as it is now (arrival order), serving ``model`` (and ``graph``: the
+        knowledge graph's candidate source)."""
         from driftrec.model.ranking.policy import RankingPolicy
 
         items: dict[str, Item] = dict(self.app.catalogue.items)
-        self.policy = RankingPolicy(self.cfg, items, list(items), model=model)
+        self.policy = RankingPolicy(self.cfg, items, list(items), model=model, kg=graph)
         self.model_name = model.version if model is not None else COLLABORATIVE
-        log.info("ranking policy built: %d items, model %s", len(items), self.model_name)
+        log.info("ranking policy built: %d items, model %s%s", len(items), self.model_name,
+                 ", knowledge graph" if graph is not None else "")
 
     async def _drain(self) -> None:
         """Observe what the follower delivered before the policy existed, in order; then go live."""

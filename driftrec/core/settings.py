@@ -281,6 +281,8 @@ class RankingSettings(_Section):
     seed: int = 0
     model_watch_interval_s: float = Field(default=5.0, gt=0, le=3600,
                                           description="how often the worker re-reads the knowledge model's ACTIVE pointer")
+    kg_path: str | None = Field(default=None, description="knowledge graph (a folder with *.kg [+ *.link], or a "
+                                "triples file) for the policy's graph features and the knowledge model's TransE term")
 
     def policy_options(self) -> dict[str, Any]:
         """The ranking policy's settings, as ``PolicyConfig`` keyword arguments."""

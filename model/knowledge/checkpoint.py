@@ -41,6 +41,7 @@ from driftrec.model.knowledge.seqrec import (
 
 FORMAT = "driftrec-knowledge/1"
 WEIGHTS, CONFIG, MANIFEST, ACTIVE = "model.safetensors", "config.json", "manifest.json", "ACTIVE"
+KNOWLEDGE_SUBDIR = "knowledge"  # under model.adapter_dir: <adapter_dir>/knowledge/<domain>/<version>/
 MAX_WEIGHTS_BYTES = 1024 * 1024 * 1024
 MAX_JSON_BYTES = 64 * 1024 * 1024
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -162,6 +163,21 @@ def publish(trainer: KnowledgeTrainer, root: str | os.PathLike, version: str, do
     tmp.write_text(version)
     os.replace(tmp, pointer)
     return folder
+
+
+def knowledge_root(adapter_dir: str | os.PathLike) -> Path:
+    """Where the knowledge models of every domain live, under ``model.adapter_dir``."""
+    return Path(adapter_dir) / KNOWLEDGE_SUBDIR
+
+
+_VERSION = re.compile(r"^k(\d+)$")
+
+
+def next_version(root: str | os.PathLike, domain: str = "default") -> str:
+    """``k0001``, ``k0002``, ... numbered after the highest version folder of ``domain``."""
+    folder = Path(root) / domain
+    numbers = [int(m.group(1)) for p in (folder.iterdir() if folder.is_dir() else ()) if (m := _VERSION.match(p.name))]
+    return f"k{max(numbers, default=0) + 1:04d}"
 
 
 def active_version(root: str | os.PathLike, domain: str = "default") -> str | None:

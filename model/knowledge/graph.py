@@ -556,6 +556,14 @@ def load_kg(
 _ARTICLE_SUFFIX = re.compile(r"^(.*), (the|a|an|le|la|les|l'|il|el|der|die|das)$", re.I)
 
 
+def load_catalogue_graph(path: str | Path | None, items: Mapping) -> KnowledgeGraph | None:
+    """The graph at ``path`` (a folder with ``*.kg`` [+ ``*.link``], or a triples file) linked to a catalogue
+    (item id -> Item), or None without a path (``ranking.kg_path``: the worker and the trainer load it so)."""
+    if not path:
+        return None
+    return load_kg(path, item_ids=list(items), titles={i: it.title for i, it in items.items()})
+
+
 def normalise_title(title: str) -> str:
     """``"Shawshank Redemption, The"`` -> ``"shawshank redemption"`` (trailing/leading article dropped,
     alternative titles in parentheses dropped, punctuation removed)."""

@@ -457,5 +457,41 @@ class KnowledgeTrainer:
     def model(self) -> KnowledgeModel | None:
         return self._model
 
+    def warm_start(self, net: SeqRecNet, item_ids: Sequence[str]) -> int:
+        """Continue from another network (an older catalogue's trainer, or a served checkpoint): the
+        encoder, the projections and the graph entities where their shapes match, and the id rows of the
+        items both catalogues hold (matched by id); rows of new items keep their fresh initialisation.
+        The optimiser starts afresh. Returns the number of id rows carried over."""
+        src, dst = net.state_dict(), self.net.state_dict()
+        pos = {i: n for n, i in enumerate(item_ids)}
+        pairs = [(n, pos[i]) for n, i in enumerate(self.item_ids) if i in pos]
+        derived = {"items.text", "items.item_entity", "items.linked"}  # recomputed from this catalogue
+        for key, value in dst.items():
+            old = src.get(key)
+            if old is None or key in derived:
+                continue
+            if key in ("items.id_emb.weight", "items.id_known"):
+                if pairs:
+                    to, frm = (torch.as_tensor(x, dtype=torch.long) for x in zip(*pairs))
+                    value[to] = old[frm].to(value.dtype)
+            elif old.shape == value.shape:
+                value.copy_(old)
+        self.net.load_state_dict(dst)
+        self.fits = max(self.fits, 1)  # later fits are incremental (``epochs``, not ``init_epochs``)
+        return len(pairs)
+
+    def state(self) -> dict:
+        """Everything a rejected fit must undo (network, graph relations, optimiser, counters)."""
+        return copy.deepcopy({"net": self.net.state_dict(), "opt": self.opt.state_dict(), "fits": self.fits,
+                              "steps": self.steps, "model": self._model,
+                              "rel": self.transe.rel.state_dict() if self.transe is not None else None})
+
+    def restore(self, state: dict) -> None:
+        self.net.load_state_dict(state["net"])
+        self.opt.load_state_dict(state["opt"])
+        if self.transe is not None and state["rel"] is not None:
+            self.transe.rel.load_state_dict(state["rel"])
+        self.fits, self.steps, self._model = state["fits"], state["steps"], state["model"]
+
     def config(self) -> dict:
         return asdict(self.cfg)

@@ -29,7 +29,6 @@ import math
 import sys
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -38,32 +37,11 @@ from driftrec.core.signing import signed
 from driftrec.model.adapters import BASE_VERSION, CheckpointError, load_checkpoint
 from driftrec.model.training.gate import Gate, ItemMatrixCache, OnlineMonitor, Publisher, RollbackPolicy, evaluate_model
 from driftrec.model.training.examples import ExampleBuilder, build_training_set, decode, interaction_from
+from driftrec.model.training.runs import RunResult
 from driftrec.core.contracts import AdapterAnnouncement, Item
 
 log = logging.getLogger(__name__)
 
-
-
-@dataclass
-class RunResult:
-    outcome: str  # promoted | rejected | skipped | failed
-    trigger: str = "manual"
-    version: str | None = None
-    serving_version: str | None = None
-    decision: dict[str, Any] | None = None
-    stats: dict[str, Any] | None = None
-    examples: int = 0
-    holdout: int = 0
-    seconds: float = 0.0
-    train_seconds: float = 0.0
-    gate_seconds: float = 0.0
-    announcements: list[AdapterAnnouncement] = field(default_factory=list)
-    error: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["announcements"] = [a.to_wire() for a in self.announcements]
-        return d
 
 
 class TrainingWorker:
@@ -271,6 +249,17 @@ class TrainingWorker:
         return self.publisher.announced[n_before]
 
 
+def training_worker(settings, domain: str | None = None, *, items: Iterable[Item] = ()):
+    """The trainer ``driftrec train`` runs: the knowledge model's
+    (:class:`~driftrec.model.training.knowledge_worker.KnowledgeTrainingWorker`) for ``ranking.engine:
+    policy``, else the scorer's LoRA adapter's (:class:`TrainingWorker`)."""
+    if settings.ranking.engine == "policy":
+        from driftrec.model.training.knowledge_worker import KnowledgeTrainingWorker
+
+        return KnowledgeTrainingWorker(settings, domain, items=items)
+    return TrainingWorker(settings, domain, items=items)
+
+
 # ------------------------------------------------------------------------------------ Kafka
 
 
@@ -413,7 +402,7 @@ async def train_once(settings, bootstrap: str, domain: str | None = None, *, cat
     items = await _load_items(settings, bootstrap, catalogue)
     events = order_events(await read_tail(bootstrap, topics, ts.window_events + ts.context_events))
     if worker is None:
-        worker = await asyncio.to_thread(TrainingWorker, settings, domain, items=items)
+        worker = await asyncio.to_thread(training_worker, settings, domain, items=items)
     else:
         worker.set_items(items)
     evs = [e for e in events if worker.owns(e)]
@@ -439,7 +428,7 @@ async def run_forever(settings, bootstrap: str, domain: str | None = None, *, ca
     topics = [settings.topics.clicks.name, settings.topics.ratings.name, settings.topics.recommendations.name]
     items = await _load_items(settings, bootstrap, catalogue)
     if worker is None:
-        worker = await asyncio.to_thread(TrainingWorker, settings, domain, items=items)
+        worker = await asyncio.to_thread(training_worker, settings, domain, items=items)
     else:
         worker.set_items(items)
     backlog = [e for e in order_events(await read_tail(bootstrap, topics, ts.window_events + ts.context_events))
@@ -509,7 +498,7 @@ async def run_forever(settings, bootstrap: str, domain: str | None = None, *, ca
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="driftrec train", description="incremental LoRA adapter training that follows drift")
+    p = argparse.ArgumentParser(prog="driftrec train", description="incremental model updates that follow drift: the knowledge model of the ranking policy (ranking.engine: policy) or the LM scorer's LoRA adapter (loop)")
     p.add_argument("--config", help="YAML settings file (default: $DRIFTREC_CONFIG)")
     p.add_argument("--domain", default=None, help="adapter domain (default: model.default_domain)")
     p.add_argument("--once", action="store_true", help="one run on the newest events, then exit")

@@ -99,3 +99,31 @@ def test_long_running_worker_trains_on_schedule_and_announces(kafka, tmp_path):
     assert worker.runs[0].trigger == "events"
     anns = asyncio.run(read_tail(bootstrap, [settings.topics.adapters.name], 0, from_beginning=True))
     assert [(a["action"], a["version"]) for a in anns] == [("activate", v) for v in worker.promoted]
+
+
+def test_train_once_with_the_policy_engine_publishes_a_knowledge_model(kafka, tmp_path):
+    """``ranking.engine: policy``: the same command trains the ranking policy's knowledge model from the
+    topics and publishes a verified checkpoint (the workers' policy hot-swaps ACTIVE); nothing is announced."""
+    from driftrec.model.knowledge.checkpoint import active_version, knowledge_root, load_knowledge
+
+    bootstrap, settings = kafka
+    settings.ranking.engine = "policy"
+    settings.trainer.min_examples = 20
+    settings.trainer.gate_tolerance = 1.0
+    world = tiny_world(seed=22)
+    asyncio.run(_produce(settings, bootstrap, world, 300))
+    config = tmp_path / "driftrec.yaml"
+    config.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
+    out = tmp_path / "run.json"
+    with one_torch_thread():
+        rc = train_main(["--once", "--config", str(config), "--json", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert result["outcome"] == "promoted", result
+    assert result["examples"] >= 200 and result["holdout"] >= 10 and result["version"] == "k0001"
+    root = knowledge_root(settings.model.adapter_dir)
+    assert active_version(root) == "k0001"
+    model = load_knowledge(root / "default" / "k0001", {it.item_id: it for it in world.items})
+    assert sorted(model.item_ids) == sorted(it.item_id for it in world.items)
+    anns = asyncio.run(read_tail(bootstrap, [settings.topics.adapters.name], 0, from_beginning=True))
+    assert anns == []
