@@ -119,6 +119,9 @@ def run_demo(settings: Settings, *, events: int | None = 2000, workers: int = 1,
         with broker(settings, share=True) as bootstrap, Children() as children:
             say(f"broker: {'embedded Tansu on ' if settings.kafka.embedded else ''}{bootstrap}; logs in {run_dir}")
             scorer_url = None
+            policy = settings.ranking.engine == "policy"
+            if policy:
+                scorer = False  # the ranking policy scores in the worker (its knowledge model); no HTTP scorer
             if scorer:
                 port = free_port()
                 scorer_url = f"http://127.0.0.1:{port}"
@@ -135,8 +138,10 @@ def run_demo(settings: Settings, *, events: int | None = 2000, workers: int = 1,
                     DRIFTREC_SCORER__URL=scorer_url or "http://127.0.0.1:9",
                     DRIFTREC_STREAM__DATA_DIR=str(run_dir / f"streams-{w}"),
                 ), run_dir / f"worker-{w}.log")
-            say(f"started {workers} worker(s)" + (f", the LM scorer at {scorer_url}" if scorer else "")
-                + (" and the adapter trainer" if trainer else ""))
+            say(f"started {workers} worker(s) ranking with the "
+                + ("ranking policy (collaborative features + knowledge model)" if policy else "LM scorer loop")
+                + (f", the LM scorer at {scorer_url}" if scorer else "")
+                + ((" and the knowledge-model trainer" if policy else " and the adapter trainer") if trainer else ""))
             if scorer_url:
                 if _wait_http(f"{scorer_url}/readyz", 180, children):
                     say("scorer ready")
@@ -146,6 +151,8 @@ def run_demo(settings: Settings, *, events: int | None = 2000, workers: int = 1,
                                        scorer_url, children, say, quiet, grace_s))
             say(f"done: {stats['events']} events, {stats['requests']} requests, "
                 f"{stats['answered']} recommendations ({stats['fallback']} fallback)")
+            for line in summary_lines(stats):
+                say(line)
             if stats["answered"] < stats["requests"]:
                 for log_file in sorted(run_dir.glob("*.log")):
                     tail = log_file.read_text(errors="replace").splitlines()[-25:]
@@ -158,12 +165,82 @@ def run_demo(settings: Settings, *, events: int | None = 2000, workers: int = 1,
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
+K = 10  # the demo's requests ask for a top-10: the online HR@10 below
+
+
+class OnlineComparison:
+    """Online HR@10 of the served lists against popularity, on the same points: each request, then the
+    user's next positive interaction (a click, or a rating >= 4) produced after it. Popularity is the
+    count of positives produced before the request, the user's own items excluded; "served" is the list
+    the worker published for that request (a request without an answer counts as a miss)."""
+
+    def __init__(self, k: int = K) -> None:
+        self.k = k
+        self.counts: dict[str, int] = {}
+        self.seen: dict[str, set[str]] = {}
+        self.waiting: dict[str, tuple[str, list[str]]] = {}  # user -> (request id, popularity's top-k then)
+        self.points: list[tuple[str, list[str], str]] = []  # (request id, popularity's list, next positive)
+        self.lists: dict[str, tuple[str, list[str], bool, str]] = {}  # request id -> (user, items, fallback, model)
+
+    def produced(self, wire: dict) -> None:
+        user = wire.get("user_id")
+        if wire.get("type") == "recommendation_request":
+            seen = self.seen.get(user, set())
+            top = sorted((i for i in self.counts if i not in seen), key=lambda i: (-self.counts[i], i))[: self.k]
+            self.waiting[user] = (wire["event_id"], top)
+            return
+        item = wire.get("item_id")
+        positive = wire.get("type") == "click" or (wire.get("type") == "rating" and float(wire.get("rating", 0)) >= 4)
+        if not positive:
+            return
+        waiting = self.waiting.pop(user, None)
+        if waiting is not None:
+            self.points.append((waiting[0], waiting[1], item))
+        self.counts[item] = self.counts.get(item, 0) + 1
+        self.seen.setdefault(user, set()).add(item)
+
+    def served(self, rec: dict) -> None:
+        self.lists[rec["request_id"]] = (rec.get("user_id", ""), [i["item_id"] for i in rec.get("items") or []],
+                                         bool(rec.get("fallback")), str(rec.get("model_version") or ""))
+
+    def result(self) -> dict:
+        n = len(self.points)
+        served = sum(1 for rid, _, item in self.points if item in (self.lists.get(rid, ("", [], False, ""))[1][: self.k]))
+        popular = sum(1 for _, top, item in self.points if item in top)
+        firsts = {}
+        for user, items, fallback, _ in self.lists.values():
+            if items and not fallback:
+                firsts[user] = items[0]  # the newest answer per user
+        models = sorted({m for _, _, fb, m in self.lists.values() if not fb and m})
+        return {"points": n, "served_hr": served / n if n else float("nan"), "popularity_hr": popular / n if n else float("nan"),
+                "users": len(firsts), "distinct_first": len(set(firsts.values())), "models": models}
+
+
+def summary_lines(stats: dict) -> list[str]:
+    online = stats.get("online")
+    if online is None:
+        return []
+    r = online.result()
+    lines = []
+    if r["users"]:
+        lines.append(f"personalisation: {r['distinct_first']} different first items across the last lists of "
+                     f"{r['users']} users (models served: {', '.join(r['models']) or 'none'})")
+    if r["points"]:
+        lines.append(f"online HR@{online.k} on the demo world ({r['points']} requests followed by the user's next "
+                     f"positive): served {r['served_hr']:.3f} vs popularity {r['popularity_hr']:.3f}")
+    else:
+        lines.append(f"online HR@{online.k}: no request was followed by a positive interaction of its user")
+    return lines
+
+
 async def _drive(settings, bootstrap, world, titles, events, request_every, rate, scorer_url, children, say,
                  quiet, grace_s) -> dict:
     from driftrec.client import AsyncProducer, subscribe
 
     stats = {"events": 0, "requests": 0, "answered": 0, "fallback": 0}
     pending: set[str] = set()
+    online = OnlineComparison(k=K)
+    stats["online"] = online
     done_producing = asyncio.Event()
 
     async def consume() -> None:
@@ -173,6 +250,7 @@ async def _drive(settings, bootstrap, world, titles, events, request_every, rate
                 if rec.get("request_id") not in pending:
                     continue
                 pending.discard(rec["request_id"])
+                online.served(rec)
                 stats["answered"] += 1
                 stats["fallback"] += bool(rec.get("fallback"))
                 if not quiet:
@@ -195,10 +273,12 @@ async def _drive(settings, bootstrap, world, titles, events, request_every, rate
             wire = ev.to_wire()
             wire["event_time"] = time.time()
             if wire["type"] == "recommendation_request":
+                wire["k"] = K
                 pending.add(wire["event_id"])
                 stats["requests"] += 1
             else:
                 stats["events"] += 1
+            online.produced(wire)
             futures.append((await producer.send_nowait(wire))[1])
             if len(futures) >= 500:
                 await asyncio.gather(*futures)

@@ -166,7 +166,7 @@ class PolicyRanker(Ranker):
         items = dict(self.app.catalogue.items)  # the texts the LM re-embeds come from the catalogue
         folder = self.model_root / self.domain / version
         try:
-            model = await asyncio.to_thread(load_knowledge, folder, items)
+            model = await asyncio.to_thread(load_knowledge, folder, items, self.app.settings.model.model_path or None)
         except CheckpointRejected as exc:
             self._reject(version, exc.reason, str(exc))
             return None

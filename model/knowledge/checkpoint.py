@@ -2,8 +2,9 @@
 
 A checkpoint is a folder ``<root>/<domain>/<version>/`` with
 
-* ``model.safetensors`` - the network's state (the LM text matrix is not stored: it is recomputed from
-  the catalogue's texts by the same LM, once per item, and checked against ``text_sha256``),
+* ``model.safetensors`` - the network's state, the LM text matrix included (the vectors it was trained
+  with: a trainer on a GPU and workers on CPUs serve the same ones; only an item whose catalogue text
+  changed since - ``text_keys`` - is re-embedded by the worker's LM),
 * ``config.json`` - architecture, the item ids the rows belong to, their graph entities,
 * ``manifest.json`` - format, version, domain, SHA-256 and size of both files.
 
@@ -36,10 +37,11 @@ from driftrec.model.knowledge.seqrec import (
     SeqRecConfig,
     SeqRecNet,
     SequenceEncoder,
+    text_key,
     text_vectors,
 )
 
-FORMAT = "driftrec-knowledge/1"
+FORMAT = "driftrec-knowledge/2"  # 2: the text matrix is stored
 WEIGHTS, CONFIG, MANIFEST, ACTIVE = "model.safetensors", "config.json", "manifest.json", "ACTIVE"
 KNOWLEDGE_SUBDIR = "knowledge"  # under model.adapter_dir: <adapter_dir>/knowledge/<domain>/<version>/
 MAX_WEIGHTS_BYTES = 1024 * 1024 * 1024
@@ -71,7 +73,7 @@ def save_knowledge(trainer: KnowledgeTrainer, folder: str | os.PathLike, *, vers
         raise ValueError("version and domain must be names (letters, digits, '.', '_', '-')")
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().clone().contiguous() for k, v in trainer.net.state_dict().items() if k != "items.text"}
+    state = {k: v.detach().cpu().clone().contiguous() for k, v in trainer.net.state_dict().items()}
     save_file(state, str(out / WEIGHTS))
     config = {
         "format": FORMAT,
@@ -80,6 +82,8 @@ def save_knowledge(trainer: KnowledgeTrainer, folder: str | os.PathLike, *, vers
         "item_entity": trainer.item_entity,
         "text": trainer.texts is not None,
         "text_sha256": _text_digest(trainer.texts),
+        "text_keys": getattr(trainer, "text_keys", None),
+        "text_model": trainer.model_path,
         "n_entities": int(trainer.net.items.entity.num_embeddings) if trainer.net.items.entity is not None else 0,
         "fits": trainer.fits,
     }
@@ -104,9 +108,10 @@ def _read_json(path: Path, what: str) -> dict:
     return data
 
 
-def load_knowledge(folder: str | os.PathLike, items: Mapping[str, Any]) -> KnowledgeModel:
-    """Verify and load a checkpoint for serving; ``items`` (item id -> Item) gives the texts the LM
-    re-embeds. Raises :class:`CheckpointRejected` (with a reason) on anything amiss."""
+def load_knowledge(folder: str | os.PathLike, items: Mapping[str, Any], model_path: str | None = None) -> KnowledgeModel:
+    """Verify and load a checkpoint for serving; ``items`` (item id -> Item): the catalogue now (an item
+    whose text changed since training is re-embedded by the LM at ``model_path``, default the packaged
+    one). Raises :class:`CheckpointRejected` (with a reason) on anything amiss."""
     root = Path(folder)
     manifest = _read_json(root / MANIFEST, "manifest")
     if manifest.get("format") != FORMAT:
@@ -129,11 +134,11 @@ def load_knowledge(folder: str | os.PathLike, items: Mapping[str, Any]) -> Knowl
         n_entities = int(config.get("n_entities") or 0)
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointRejected("config", f"config is invalid: {exc}") from None
-    texts = None
-    if config.get("text"):
-        texts = text_vectors([items[i].text() if i in items else i for i in item_ids])
-        if _text_digest(texts) != config.get("text_sha256"):
-            raise CheckpointRejected("config", "the catalogue's texts (or the LM) differ from the ones trained on")
+    try:
+        state = load_file(str(root / WEIGHTS))
+    except Exception as exc:  # noqa: BLE001 - a damaged file of any kind
+        raise CheckpointRejected("corrupt", f"weights unreadable: {exc}") from None
+    texts = _texts(config, state, item_ids, items, model_path) if config.get("text") else None
     ie = None
     if n_entities:
         ie = np.full(len(item_ids), -1, dtype=np.int64)
@@ -141,18 +146,31 @@ def load_knowledge(folder: str | os.PathLike, items: Mapping[str, Any]) -> Knowl
             ie[n] = item_entity.get(i, -1)
     rep = ItemRepresentation(len(item_ids), cfg, text=texts, item_entity=ie, n_entities=max(n_entities, 1))
     net = SeqRecNet(rep, SequenceEncoder(cfg))
-    try:
-        state = load_file(str(root / WEIGHTS))
-    except Exception as exc:  # noqa: BLE001 - a damaged file of any kind
-        raise CheckpointRejected("corrupt", f"weights unreadable: {exc}") from None
-    expected = {k: v.shape for k, v in net.state_dict().items() if k != "items.text"}
+    expected = {k: v.shape for k, v in net.state_dict().items()}
     if set(state) != set(expected) or any(tuple(state[k].shape) != tuple(s) for k, s in expected.items()):
         raise CheckpointRejected("shape", "the weights do not match the configured architecture")
     if texts is not None:
         state["items.text"] = torch.as_tensor(texts)
     net.load_state_dict(state)
     return KnowledgeModel(net, item_ids, texts, f"{manifest.get('domain', 'default')}/{manifest.get('version')}",
-                          item_entity=item_entity)
+                          item_entity=item_entity, model_path=model_path)
+
+
+def _texts(config: dict, state: dict, item_ids: list[str], items: Mapping[str, Any], model_path: str | None) -> np.ndarray:
+    """The text matrix the checkpoint was trained with (its digest checked), with the rows of items whose
+    catalogue text changed since re-embedded by this process's LM."""
+    stored = state.get("items.text")
+    if stored is None or tuple(stored.shape[:1]) != (len(item_ids),):
+        raise CheckpointRejected("shape", "the text matrix is missing or does not match the item list")
+    texts = stored.float().numpy().copy()
+    if _text_digest(texts) != config.get("text_sha256"):
+        raise CheckpointRejected("config", "the text matrix does not match its digest")
+    keys = config.get("text_keys")
+    if isinstance(keys, list) and len(keys) == len(item_ids):
+        changed = [n for n, i in enumerate(item_ids) if i in items and text_key(items[i].text()) != keys[n]]
+        if changed:
+            texts[changed] = text_vectors([items[item_ids[n]].text() for n in changed], model_path)
+    return texts
 
 
 def publish(trainer: KnowledgeTrainer, root: str | os.PathLike, version: str, domain: str = "default") -> Path:

@@ -93,19 +93,27 @@ class SeqRecConfig:
 _TEXT_CACHE: dict[str, np.ndarray] = {}
 
 
-def text_vectors(texts: Sequence[str], model_path: str | None = None) -> np.ndarray:
-    """L2-normalised LM embeddings of ``texts`` (memoised per text: the LM forward is paid once)."""
+def text_key(text: str) -> str:
+    """What a checkpoint records per item to tell whether its text changed since training."""
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+def text_vectors(texts: Sequence[str], model_path: str | None = None, device: str | None = None) -> np.ndarray:
+    """L2-normalised LM embeddings of ``texts`` in float32 (memoised per text and model: the LM forward is
+    paid once). ``device``: where the LM runs (default: the CPU; a checkpoint stores the vectors it was
+    trained with, so a trainer on a GPU and workers on CPUs serve the same ones)."""
     key = lambda s: hashlib.sha1(f"{model_path}\0{s}".encode()).hexdigest()  # noqa: E731
     missing = list(dict.fromkeys(s for s in texts if key(s) not in _TEXT_CACHE))
     if missing:
-        from driftrec.model.lm import embed_texts, load_encoder, load_tokenizer
+        from driftrec.model.lm import DevicePlan, embed_texts, load_encoder, load_tokenizer
 
         t0 = time.perf_counter()
-        model, tok = load_encoder(model_path), load_tokenizer(model_path)
+        plan = DevicePlan(torch.device(device or "cpu"), torch.float32)
+        model, tok = load_encoder(model_path, plan), load_tokenizer(model_path)
         vecs = embed_texts(model, tok, missing).float().cpu().numpy()
         for s, v in zip(missing, vecs):
             _TEXT_CACHE[key(s)] = v.astype(np.float32)
-        log.info("embedded %d item texts in %.1fs", len(missing), time.perf_counter() - t0)
+        log.info("embedded %d item texts in %.1fs on %s", len(missing), time.perf_counter() - t0, plan.device)
     return np.stack([_TEXT_CACHE[key(s)] for s in texts]) if texts else np.zeros((0, 384), dtype=np.float32)
 
 
@@ -155,7 +163,7 @@ class ItemRepresentation(nn.Module):
     def forward(self) -> torch.Tensor:
         w = self.id_emb.weight
         if self.training and self.id_dropout > 0:
-            w = w * (torch.rand(self.n_items, 1) >= self.id_dropout).float()
+            w = w * (torch.rand(self.n_items, 1, device=w.device) >= self.id_dropout).float()
         elif not self.training:
             w = w * self.id_known.float().unsqueeze(-1)
         parts = w + self.content(getattr(self, "text", None), getattr(self, "item_entity", None),
@@ -199,10 +207,11 @@ class SequenceEncoder(nn.Module):
         real = seq >= 0
         x = table[seq.clamp(min=0)] * real.unsqueeze(-1)
         x = torch.where((seq == BOS).unsqueeze(-1), self.bos.expand(B, L, -1), x)
-        pos = torch.arange(L - 1, -1, -1).clamp(max=self.maxlen)  # distance from the newest position
+        pos = torch.arange(L - 1, -1, -1, device=seq.device).clamp(max=self.maxlen)  # distance from the newest position
         x = self.drop(x + self.pos(pos).unsqueeze(0))
         valid = seq != PAD
-        mask = torch.ones(L, L, dtype=torch.bool).tril().unsqueeze(0) & (valid.unsqueeze(1) | torch.eye(L, dtype=torch.bool))
+        mask = (torch.ones(L, L, dtype=torch.bool, device=seq.device).tril().unsqueeze(0)
+                & (valid.unsqueeze(1) | torch.eye(L, dtype=torch.bool, device=seq.device)))
         mask = mask.unsqueeze(1)
         for block in self.blocks:
             x = block(x, mask)
@@ -242,7 +251,8 @@ class TransE(nn.Module):
                 neg[n, 0] = hs[self.rng.integers(len(hs))]
             else:
                 neg[n, 2] = ts[self.rng.integers(len(ts))]
-        neg = torch.as_tensor(neg)
+        device = self.entity.weight.device
+        pos, neg = pos.to(device), torch.as_tensor(neg, device=device)
 
         def dist(t: torch.Tensor) -> torch.Tensor:
             h = F.normalize(self.entity(t[:, 0]), dim=-1)
@@ -259,8 +269,9 @@ class KnowledgeModel(ItemSequenceModel):
     """A trained snapshot, for scoring: the item table and the encoder (frozen, eval mode)."""
 
     def __init__(self, net: SeqRecNet, item_ids: Sequence[str], texts: np.ndarray | None, version: str,
-                 *, item_entity: Mapping[str, int] | None = None) -> None:
+                 *, item_entity: Mapping[str, int] | None = None, model_path: str | None = None) -> None:
         self.net = net.eval()
+        self.model_path = model_path
         self.version = version
         self.item_ids = list(item_ids)
         self.index = {i: n for n, i in enumerate(self.item_ids)}
@@ -278,7 +289,8 @@ class KnowledgeModel(ItemSequenceModel):
         if not new:
             return
         rep = self.net.items
-        text = torch.as_tensor(text_vectors([it.text() for it in new])) if rep.text_proj is not None else None
+        text = (torch.as_tensor(text_vectors([it.text() for it in new], self.model_path))
+                if rep.text_proj is not None else None)
         ents = torch.as_tensor([max(self._item_entity.get(it.item_id, -1), 0) for it in new], dtype=torch.long)
         linked = torch.as_tensor([[1.0 if it.item_id in self._item_entity else 0.0] for it in new])
         with torch.no_grad():
@@ -345,15 +357,20 @@ class KnowledgeTrainer:
     (weights and optimiser state), and hands out scoring snapshots (:meth:`model`)."""
 
     def __init__(self, items: Mapping[str, Any], item_ids: Sequence[str], *, text: bool = True, kg=None,
-                 kg_alpha: float = 0.1, seed: int = 0, name: str = "knowledge", **options: Any) -> None:
+                 kg_alpha: float = 0.1, seed: int = 0, name: str = "knowledge", model_path: str | None = None,
+                 device: str | torch.device = "cpu", **options: Any) -> None:
         self.cfg = SeqRecConfig.from_options(options)
+        self.device = torch.device(device)
+        self.model_path = model_path
         self.item_ids = list(item_ids)
         self.index = {i: n for n, i in enumerate(self.item_ids)}
         self.name = name
         torch.manual_seed(seed)
         self.rng = np.random.default_rng(seed)
         t0 = time.perf_counter()
-        texts = text_vectors([items[i].text() if i in items else i for i in self.item_ids]) if text else None
+        texts_in = [items[i].text() if i in items else i for i in self.item_ids]
+        self.text_keys = [text_key(t) for t in texts_in]
+        texts = text_vectors(texts_in, model_path, None if self.device.type == "cpu" else str(self.device)) if text else None
         self.text_seconds = time.perf_counter() - t0
         self.texts = texts
         item_entity = triples = None
@@ -361,10 +378,12 @@ class KnowledgeTrainer:
         if kg is not None:
             triples, item_entity, n_entities, n_rel, self.item_entity = kg_triples(kg, self.item_ids)
         rep = ItemRepresentation(len(self.item_ids), self.cfg, text=texts, item_entity=item_entity, n_entities=n_entities)
-        self.net = SeqRecNet(rep, SequenceEncoder(self.cfg))
+        self.net = SeqRecNet(rep, SequenceEncoder(self.cfg)).to(self.device)
         self.kg_alpha = kg_alpha if kg is not None else 0.0
         self.transe = (TransE(rep.entity, triples, n_rel, self.cfg.kg_margin, seed)
                        if kg is not None and len(triples) and self.kg_alpha > 0 else None)
+        if self.transe is not None:
+            self.transe.rel.to(self.device)
         params = list(self.net.parameters()) + (list(self.transe.rel.parameters()) if self.transe is not None else [])
         self.opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         self.fits = 0
@@ -423,7 +442,7 @@ class KnowledgeTrainer:
                 j = self.index.get(i)
                 if j is not None:
                     counts[j] = True
-        net.items.id_known.copy_(torch.as_tensor(counts))
+        net.items.id_known.copy_(torch.as_tensor(counts, device=self.device))
         wins = self._windows(histories)
         epochs = self.cfg.init_epochs if initial or self.fits == 0 else self.cfg.epochs
         net.train()
@@ -431,7 +450,7 @@ class KnowledgeTrainer:
         nb = 0
         for _ in range(epochs):
             for idx in self._batches(wins):
-                seq, tgt = self._collate(wins, idx)
+                seq, tgt = (t.to(self.device, non_blocking=True) for t in self._collate(wins, idx))
                 table = net.items()
                 h = net.encoder(table, seq)
                 sel = tgt >= 0
@@ -448,8 +467,8 @@ class KnowledgeTrainer:
         net.eval()
         self.fits += 1
         self.steps += nb
-        self._model = KnowledgeModel(copy.deepcopy(net), self.item_ids, self.texts, f"{self.name}-{self.fits}",
-                                     item_entity=self.item_entity)
+        self._model = KnowledgeModel(copy.deepcopy(net).cpu(), self.item_ids, self.texts, f"{self.name}-{self.fits}",
+                                     item_entity=self.item_entity, model_path=self.model_path)
         return {"fit": self.fits, "epochs": epochs, "windows": len(wins), "steps": nb, "loss": total / max(nb, 1),
                 "kg_loss": kg_total / max(nb, 1) if self.transe is not None else None,
                 "seconds": time.perf_counter() - t0}
@@ -473,7 +492,7 @@ class KnowledgeTrainer:
             if key in ("items.id_emb.weight", "items.id_known"):
                 if pairs:
                     to, frm = (torch.as_tensor(x, dtype=torch.long) for x in zip(*pairs))
-                    value[to] = old[frm].to(value.dtype)
+                    value[to.to(value.device)] = old[frm.to(old.device)].to(value.device, value.dtype)
             elif old.shape == value.shape:
                 value.copy_(old)
         self.net.load_state_dict(dst)

@@ -71,6 +71,13 @@ def rank_metrics(model, cases: Sequence[tuple[list[str], str]], item_ids: Sequen
     return {"hr@10": hits / n if n else float("nan"), "ndcg@10": ndcg / n if n else float("nan"), "n": n}
 
 
+def _device(setting: str) -> str:
+    """``model.device`` for training: a GPU when there is one (``auto``), else the CPU."""
+    from driftrec.model.lm import choose_device
+
+    return str(choose_device(setting).device)
+
+
 class KnowledgeTrainingWorker:
     """Trainer + gate + publisher of the knowledge model for one domain (events are passed in)."""
 
@@ -83,6 +90,8 @@ class KnowledgeTrainingWorker:
         self.positive_threshold = settings.ranking.positive_threshold
         self.seed = seed
         self.options = dict(options or {})
+        self.model_path = settings.model.model_path or None
+        self.device = _device(settings.model.device)
         self.items: dict[str, Item] = {}
         self._kg_path = settings.ranking.kg_path
         self.kg = kg
@@ -140,7 +149,8 @@ class KnowledgeTrainingWorker:
         item_ids = list(self.items)
         old = self.trainer
         trainer = KnowledgeTrainer(self.items, item_ids, text=True, kg=self._graph(), kg_alpha=self.ts.kg_alpha,
-                                   seed=self.seed, name=f"{self.domain}-knowledge", **self.options)
+                                   seed=self.seed, name=f"{self.domain}-knowledge", model_path=self.model_path,
+                                   device=self.device, **self.options)
         if old is not None:
             carried = trainer.warm_start(old.net, old.item_ids)
             log.info("catalogue changed (%d -> %d items): new trainer, %d id rows carried over", len(old.item_ids),
@@ -162,7 +172,7 @@ class KnowledgeTrainingWorker:
         if self._serving is not None and self._serving[0] == version:
             return self._serving[1]
         try:
-            model = load_knowledge(self.root / self.domain / version, self.items)
+            model = load_knowledge(self.root / self.domain / version, self.items, self.model_path)
         except (CheckpointRejected, OSError) as exc:
             log.error("serving knowledge model %s/%s cannot be loaded (%s): the gate has no baseline", self.domain,
                       version, exc)

@@ -150,3 +150,24 @@ def test_too_little_data_skips_the_run(tmp_path):
     r = w.run_once(_events(w.items.values(), 10))
     assert r.outcome == "skipped"
     assert active_version(knowledge_root(tmp_path / "adapters")) is None
+
+
+def test_a_checkpoint_serves_its_own_text_vectors_and_re_embeds_only_changed_texts(tmp_path):
+    import numpy as np
+
+    from driftrec.model.knowledge.seqrec import text_vectors
+
+    w = _worker(tmp_path)
+    assert w.run_once(_events(w.items.values(), 600)).outcome == "promoted"
+    folder = knowledge_root(tmp_path / "adapters") / "default" / "k0001"
+    trained = w.trainer.texts
+    same = load_knowledge(folder, w.items)
+    assert np.array_equal(same.text_vectors(), trained)  # stored, not recomputed
+    renamed = dict(w.items)
+    renamed["m0"] = Item(**{**renamed["m0"].asdict(), "title": "A completely different western"})
+    changed = load_knowledge(folder, renamed)
+    vecs = changed.text_vectors()
+    assert np.allclose(vecs[changed.index["m0"]], text_vectors([renamed["m0"].text()])[0])
+    assert not np.allclose(vecs[changed.index["m0"]], trained[same.index["m0"]])
+    others = [n for n, i in enumerate(changed.item_ids) if i != "m0"]
+    assert np.array_equal(vecs[others], trained[others])
