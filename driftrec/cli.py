@@ -201,10 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=1, help="Faust workers to start (default 1)")
     s.add_argument("--users", type=int, default=200)
     s.add_argument("--items", type=int, default=400)
-    s.add_argument("--request-every", type=int, default=50, help="a recommendation request every N events")
-    s.add_argument("--rate", type=float, default=500.0, help="events per second to replay (default 500)")
-    s.add_argument("--no-scorer", action="store_true", help="do not start the LM scorer (fallback ranking only)")
-    s.add_argument("--no-trainer", action="store_true", help="do not start the incremental adapter trainer")
+    s.add_argument("--request-every", type=int, default=20, help="a recommendation request every N events (default 20)")
+    s.add_argument("--rate", type=float, default=100.0,
+                   help="events per second to replay (default 100: the trainer's first model arrives mid-run)")
+    s.add_argument("--no-scorer", action="store_true",
+                   help="loop engine: do not start the LM scorer (fallback ranking only); the policy engine needs none")
+    s.add_argument("--no-trainer", action="store_true",
+                   help="do not start the trainer (knowledge model for the policy engine, LoRA adapter for loop)")
     s.add_argument("--quiet", action="store_true", help="print a summary, not every recommendation")
     s.set_defaults(func=cmd_demo)
 

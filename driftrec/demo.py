@@ -103,7 +103,7 @@ def _wait_http(url: str, timeout: float, children: Children) -> bool:
 
 
 def run_demo(settings: Settings, *, events: int | None = 2000, workers: int = 1, users: int = 200, items: int = 400,
-             request_every: int = 50, rate: float = 500.0, scorer: bool = True, trainer: bool = True, quiet: bool = False,
+             request_every: int = 20, rate: float = 100.0, scorer: bool = True, trainer: bool = True, quiet: bool = False,
              grace_s: float = 90.0) -> int:
     from driftrec.model.evaluation.world import World
 
@@ -130,7 +130,7 @@ def run_demo(settings: Settings, *, events: int | None = 2000, workers: int = 1,
             if trainer:
                 children.start("trainer", ["train"], child_env(
                     settings, bootstrap, run_dir, DRIFTREC_METRICS__PORT="0",
-                    DRIFTREC_TRAINER__EVERY_EVENTS=str(max(500, (events or 2000) // 2)),
+                    DRIFTREC_TRAINER__EVERY_EVENTS=str(max(200, (events or 2000) // 5) if policy else max(500, (events or 2000) // 2)),
                 ), run_dir / "trainer.log")
             for w in range(workers):
                 children.start(f"worker-{w}", ["worker"], child_env(
@@ -148,7 +148,7 @@ def run_demo(settings: Settings, *, events: int | None = 2000, workers: int = 1,
                 else:
                     say("scorer not ready after 180 s: recommendations use the fallback ranking")
             stats = asyncio.run(_drive(settings, bootstrap, world, titles, events, request_every, rate,
-                                       scorer_url, children, say, quiet, grace_s))
+                                       scorer_url, children, say, quiet, grace_s, wait_ready=policy))
             say(f"done: {stats['events']} events, {stats['requests']} requests, "
                 f"{stats['answered']} recommendations ({stats['fallback']} fallback)")
             for line in summary_lines(stats):
@@ -168,11 +168,39 @@ def run_demo(settings: Settings, *, events: int | None = 2000, workers: int = 1,
 K = 10  # the demo's requests ask for a top-10: the online HR@10 below
 
 
+async def _wait_ranking_ready(producer, probes: dict, world, children, say, timeout_s: float = 180.0) -> bool:
+    """Send probe requests until one is answered by the ranking policy (not its start-up fallback): the
+    worker has read the catalogue and built its policy. Probe users are not in the world."""
+    from driftrec.core.contracts import RecommendationRequest
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    n = 0
+    while loop.time() < deadline:
+        n += 1
+        req = RecommendationRequest(event_id=f"demo-probe-{n}", event_time=time.time(), user_id="demo-probe", k=K,
+                                    domain=world.domain)
+        fut = probes[req.event_id] = loop.create_future()
+        await producer.send(req)
+        try:
+            rec = await asyncio.wait_for(fut, 5.0)
+        except asyncio.TimeoutError:
+            children.check()
+            continue
+        if not rec.get("fallback"):
+            say(f"ranking ready ({rec.get('model_version')})")
+            return True
+        await asyncio.sleep(1.0)
+    say(f"the ranking policy was not ready after {timeout_s:.0f} s: early requests get the fallback ranking")
+    return False
+
+
 class OnlineComparison:
     """Online HR@10 of the served lists against popularity, on the same points: each request, then the
-    user's next positive interaction (a click, or a rating >= 4) produced after it. Popularity is the
-    count of positives produced before the request, the user's own items excluded; "served" is the list
-    the worker published for that request (a request without an answer counts as a miss)."""
+    user's next positive (a click, or a rating >= 4) on an item new to the user (the protocol of
+    ``driftrec evaluate``), produced after it. Popularity is the count of positives produced before the
+    request, the user's own items excluded; "served" is the list the worker published for that request
+    (a request without an answer counts as a miss)."""
 
     def __init__(self, k: int = K) -> None:
         self.k = k
@@ -192,12 +220,15 @@ class OnlineComparison:
         item = wire.get("item_id")
         positive = wire.get("type") == "click" or (wire.get("type") == "rating" and float(wire.get("rating", 0)) >= 4)
         if not positive:
+            self.seen.setdefault(user, set()).add(item)
             return
-        waiting = self.waiting.pop(user, None)
-        if waiting is not None:
-            self.points.append((waiting[0], waiting[1], item))
+        seen = self.seen.setdefault(user, set())
+        if item not in seen:  # as driftrec evaluate: a positive on an item new to the user
+            waiting = self.waiting.pop(user, None)
+            if waiting is not None:
+                self.points.append((waiting[0], waiting[1], item))
         self.counts[item] = self.counts.get(item, 0) + 1
-        self.seen.setdefault(user, set()).add(item)
+        seen.add(item)
 
     def served(self, rec: dict) -> None:
         self.lists[rec["request_id"]] = (rec.get("user_id", ""), [i["item_id"] for i in rec.get("items") or []],
@@ -226,19 +257,20 @@ def summary_lines(stats: dict) -> list[str]:
         lines.append(f"personalisation: {r['distinct_first']} different first items across the last lists of "
                      f"{r['users']} users (models served: {', '.join(r['models']) or 'none'})")
     if r["points"]:
-        lines.append(f"online HR@{online.k} on the demo world ({r['points']} requests followed by the user's next "
-                     f"positive): served {r['served_hr']:.3f} vs popularity {r['popularity_hr']:.3f}")
+        lines.append(f"online HR@{online.k} on the demo world ({r['points']} requests followed by a positive of the "
+                     f"user on a new item): served {r['served_hr']:.3f} vs popularity {r['popularity_hr']:.3f}")
     else:
         lines.append(f"online HR@{online.k}: no request was followed by a positive interaction of its user")
     return lines
 
 
 async def _drive(settings, bootstrap, world, titles, events, request_every, rate, scorer_url, children, say,
-                 quiet, grace_s) -> dict:
+                 quiet, grace_s, wait_ready: bool = False) -> dict:
     from driftrec.client import AsyncProducer, subscribe
 
     stats = {"events": 0, "requests": 0, "answered": 0, "fallback": 0}
     pending: set[str] = set()
+    probes: dict[str, asyncio.Future] = {}
     online = OnlineComparison(k=K)
     stats["online"] = online
     done_producing = asyncio.Event()
@@ -247,6 +279,9 @@ async def _drive(settings, bootstrap, world, titles, events, request_every, rate
         agen = subscribe(settings, bootstrap_servers=bootstrap, from_beginning=True)
         try:
             async for rec in agen:
+                probe = probes.pop(rec.get("request_id"), None)
+                if probe is not None and not probe.done():
+                    probe.set_result(rec)
                 if rec.get("request_id") not in pending:
                     continue
                 pending.discard(rec["request_id"])
@@ -266,6 +301,8 @@ async def _drive(settings, bootstrap, world, titles, events, request_every, rate
     async with AsyncProducer(settings, bootstrap_servers=bootstrap) as producer:
         await producer.send_many(world.items)
         say(f"published a catalogue of {len(world.items)} items")
+        if wait_ready:
+            await _wait_ranking_ready(producer, probes, world, children, say)
         interval = 1.0 / rate if rate > 0 else 0.0
         started = time.monotonic()
         futures = []

@@ -11,8 +11,8 @@ if TYPE_CHECKING:
 
 
 def build_ranker(app: "DriftrecApp") -> Ranker:
-    """``loop`` (default): :class:`LoopRanker` (HTTP LM scorer); ``policy``: :class:`PolicyRanker`, the
-    ranking policy that ``driftrec evaluate`` replays."""
+    """``policy`` (default): :class:`PolicyRanker`, the ranking policy that ``driftrec evaluate`` replays;
+    ``loop``: :class:`LoopRanker` (HTTP LM scorer)."""
     if app.settings.ranking.engine == "policy":
         from driftrec.streams.policy_ranker import PolicyRanker
 

@@ -254,8 +254,9 @@ class TrainerSettings(_Section):
 class RankingSettings(_Section):
     """How the recommend stage ranks, and the ranking policy's learning settings.
 
-    ``engine``: ``loop`` = candidates -> Feast -> the HTTP LM scorer -> River (``LoopRanker``); ``policy`` =
-    the ranking policy in the worker (``PolicyRanker``: the same code ``driftrec evaluate`` replays).
+    ``engine``: ``policy`` (default) = the ranking policy in the worker (``PolicyRanker``: the same code
+    ``driftrec evaluate`` replays; ``driftrec train`` trains its knowledge model); ``loop`` = candidates ->
+    Feast -> the HTTP LM scorer -> River (``LoopRanker``; ``driftrec train`` trains the scorer's LoRA adapter).
     The remaining fields (except ``model_watch_interval_s``) are the policy's
     (``driftrec.model.ranking.policy.PolicyConfig``); the replay builds its config through the same
     function (``PolicyConfig.from_settings``), so the defaults here are the replay's defaults.
@@ -267,7 +268,7 @@ class RankingSettings(_Section):
         "hard_pool", "corrector_lr", "corrector_min_updates", "cold_threshold", "seed",
     )
 
-    engine: Literal["loop", "policy"] = "loop"
+    engine: Literal["loop", "policy"] = "policy"
     positive_threshold: float = Field(default=4.0, ge=0, le=5, description="a rating at least this is a positive")
     half_life_s: float = Field(default=2 * 86400.0, gt=0, description="half-life of decayed popularity")
     knn_user_decay: float = Field(default=0.9, gt=0, le=1)

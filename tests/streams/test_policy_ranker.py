@@ -98,9 +98,9 @@ def _reference(events, model=None) -> RankingPolicy:
 
 
 def test_engine_setting_picks_the_ranker(tmp_path, monkeypatch):
+    assert Settings().ranking.engine == "policy"  # the default: what driftrec evaluate measures is served
     app = _App(tmp_path)
-    app.settings = Settings()
-    assert app.settings.ranking.engine == "loop"
+    app.settings = Settings(ranking={"engine": "loop"})
     assert isinstance(build_ranker(app), LoopRanker)
     monkeypatch.setenv("DRIFTREC_RANKING__ENGINE", "policy")
     monkeypatch.setenv("DRIFTREC_RANKING__NEGATIVES", "4")

@@ -46,7 +46,7 @@ class _Catalogue:
 
 class _App:
     def __init__(self):
-        self.settings = Settings()
+        self.settings = Settings(ranking={"engine": "loop"})  # these tests are of the LM-scorer loop
         self.catalogue = _Catalogue()
         self.bootstrap_servers = "127.0.0.1:1"  # never connected to: the follower's task is not run
         self.tasks = []

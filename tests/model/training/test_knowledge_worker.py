@@ -57,8 +57,7 @@ def _worker(tmp_path, items=None, **trainer):
 
 def test_the_engine_picks_the_trainer(tmp_path):
     assert isinstance(training_worker(_settings(tmp_path), items=_items()), KnowledgeTrainingWorker)
-    loop = Settings(model={"adapter_dir": str(tmp_path / "a")})
-    assert loop.ranking.engine == "loop"
+    loop = Settings(model={"adapter_dir": str(tmp_path / "a")}, ranking={"engine": "loop"})
     assert isinstance(training_worker(loop, items=_items()), TrainingWorker)
 
 
