@@ -141,6 +141,28 @@ def test_scorer_reserves_an_nvidia_gpu(compose):
     assert env["DRIFTREC_SCORER__HOST"] == "0.0.0.0"
 
 
+def test_the_default_engine_trains_on_the_gpu_and_the_scorer_is_the_loop_profile(compose):
+    """The workers rank with the ranking policy (the default engine); the trainer, which publishes its
+    knowledge model, gets the GPU; the LM scorer starts only with `--profile loop` and nothing else
+    waits for it."""
+    from driftrec.core.settings import Settings
+
+    services = compose["services"]
+    trainer = services["trainer"]
+    devices = trainer["deploy"]["resources"]["reservations"]["devices"]
+    assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
+    assert trainer["build"]["dockerfile"] == "docker/Dockerfile.gpu"
+    assert _env(trainer)["DRIFTREC_MODEL__DEVICE"] == "cuda"
+    assert services["scorer"]["profiles"] == ["loop"]
+    for name, service in services.items():
+        assert "scorer" not in (service.get("depends_on") or {}), f"{name} must not wait for the optional scorer"
+    for name in ("worker", "trainer"):
+        env = _env(services[name])
+        assert _interpolate(env["DRIFTREC_RANKING__ENGINE"]) == "policy" == Settings().ranking.engine
+        assert env["DRIFTREC_MODEL__ADAPTER_DIR"].startswith("/data/shared")  # checkpoints shared with workers
+        assert any(v.startswith("driftrec-shared:/data/shared") for v in services[name]["volumes"])
+
+
 def test_build_contexts_dockerfiles_and_mounts_exist(compose):
     declared_volumes = set(compose.get("volumes") or {})
     for name, service in compose["services"].items():
