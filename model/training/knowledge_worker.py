@@ -28,13 +28,11 @@ the workers' checks of ACTIVE. Rollback on online HR@10 is the LoRA path's; here
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from driftrec.core import metrics
 from driftrec.core.contracts import Item
 from driftrec.core.interactions import Interaction
 from driftrec.model.knowledge.graph import load_catalogue_graph
@@ -42,7 +40,7 @@ from driftrec.model.knowledge.checkpoint import (CheckpointRejected, active_vers
                                                  next_version, publish)
 from driftrec.model.training.examples import interaction_from
 from driftrec.model.training.gate import Gate, OnlineMonitor
-from driftrec.model.training.runs import RunResult
+from driftrec.model.training.runs import RunResult, finish_run
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +50,10 @@ MAX_CASES = 1000  # newest held-out positives the gate scores (each one ranks th
 
 def rank_metrics(model, cases: Sequence[tuple[list[str], str]], item_ids: Sequence[str], k: int = K) -> dict[str, float]:
     """HR@k / NDCG@k of ``model`` on ``cases`` (history, target): the whole catalogue ranked, the
-    history's items excluded (as the served lists exclude what the user has seen)."""
+    history's items excluded (as the served lists exclude what the user has seen); ties as everywhere
+    (:func:`driftrec.model.ranking.metrics.rank_metrics`)."""
+    from driftrec.model.ranking.metrics import rank_metrics as target_metrics
+
     index = {i: n for n, i in enumerate(item_ids)}
     hits = ndcg = 0.0
     n = 0
@@ -61,13 +62,10 @@ def rank_metrics(model, cases: Sequence[tuple[list[str], str]], item_ids: Sequen
         if t is None:
             continue
         scores = np.asarray(model.score_items(history, [None] * len(history), item_ids), dtype=np.float64)
-        seen = [index[i] for i in history if i in index and i != target]
-        scores[seen] = -np.inf
-        rank = int(np.sum(scores > scores[t]))
-        n += 1
-        if rank < k:
-            hits += 1.0
-            ndcg += 1.0 / math.log2(rank + 2)
+        allowed = np.ones(len(item_ids), dtype=bool)
+        allowed[[index[i] for i in history if i in index and i != target]] = False
+        h, g = target_metrics(scores, t, allowed, k)
+        hits, ndcg, n = hits + h, ndcg + g, n + 1
     return {"hr@10": hits / n if n else float("nan"), "ndcg@10": ndcg / n if n else float("nan"), "n": n}
 
 
@@ -247,9 +245,4 @@ class KnowledgeTrainingWorker:
         return self._finish(result, t0)
 
     def _finish(self, result: RunResult, t0: float) -> RunResult:
-        result.seconds = time.perf_counter() - t0
-        metrics.TRAINER_RUNS.labels(outcome=result.outcome).inc()
-        self.runs.append(result)
-        log.info("knowledge training run (%s): %s version=%s interactions=%d cases=%d in %.1fs", result.trigger,
-                 result.outcome, result.version, result.examples, result.holdout, result.seconds)
-        return result
+        return finish_run(self.runs, result, t0, "knowledge training run")

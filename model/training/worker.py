@@ -37,7 +37,7 @@ from driftrec.core.signing import signed
 from driftrec.model.adapters import BASE_VERSION, CheckpointError, load_checkpoint
 from driftrec.model.training.gate import Gate, ItemMatrixCache, OnlineMonitor, Publisher, RollbackPolicy, evaluate_model
 from driftrec.model.training.examples import ExampleBuilder, build_training_set, decode, interaction_from
-from driftrec.model.training.runs import RunResult
+from driftrec.model.training.runs import RunResult, finish_run
 from driftrec.core.contracts import AdapterAnnouncement, Item
 
 log = logging.getLogger(__name__)
@@ -204,12 +204,7 @@ class TrainingWorker:
         return self._finish(result, t0)
 
     def _finish(self, result: RunResult, t0: float) -> RunResult:
-        result.seconds = time.perf_counter() - t0
-        metrics.TRAINER_RUNS.labels(outcome=result.outcome).inc()
-        self.runs.append(result)
-        log.info("training run (%s): %s version=%s examples=%d holdout=%d in %.1fs", result.trigger, result.outcome,
-                 result.version, result.examples, result.holdout, result.seconds)
-        return result
+        return finish_run(self.runs, result, t0, "training run")
 
     # ---------------------------------------------------------------------------- online
     def observe(self, event: Any) -> None:
