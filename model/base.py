@@ -250,6 +250,21 @@ class Corrector(ABC):
         """Scores for the rows of ``X`` (columns named ``names``); override for speed."""
         return np.asarray([self.predict_one(dict(zip(names, map(float, row)))) for row in X])
 
+    def learn_group(self, X: np.ndarray, names: Sequence[str]) -> None:
+        """Learn one ranking example: row 0 of ``X`` is an item the user went on to like, the other rows
+        items they did not pick. Default: RankNet-style pairs, ``x_pos - x_neg`` -> 1 and the mirror -> 0
+        (a linear model of the differences then ranks); listwise learners override."""
+        X = np.asarray(X, dtype=np.float64)
+        for r in range(1, len(X)):
+            d = X[0] - X[r]
+            self.learn_one(dict(zip(names, d.tolist())), 1.0)
+            self.learn_one(dict(zip(names, (-d).tolist())), 0.0)
+
+    def contributions(self, X: np.ndarray, names: Sequence[str]) -> np.ndarray | None:
+        """Each feature's share of each row's score (rows x features), for explanations; None when the
+        corrector cannot attribute. Explains, changes nothing."""
+        return None
+
     # ------------------------------------------------------------------------------- drift
 
     @property

@@ -92,7 +92,7 @@ class RiverCorrector(Corrector):
         pipeline is not the linear default (no per-feature attribution then). Explains, changes nothing."""
         parts = self._linear_parts()
         if parts is None:
-            return None
+            return super().contributions(X, names)
         Z, w = self._standardised(X, names, parts)
         return Z * w
 

@@ -489,13 +489,8 @@ class RankingPolicy:
         ranked = self.hard_pool(scores, self.allowed(user))
         negs = self._negatives(user, i, ranked)
         cols = np.asarray([i] + negs, dtype=np.int64)
-        F = self.features(user, cols, ts)
-        names = self.feature_names
-        for r in range(1, len(cols)):
-            # RankNet-style: x_pos - x_neg -> 1 and the mirror -> 0, so the linear score ranks
-            d = F[0] - F[r]
-            self.corrector.learn_one(dict(zip(names, d.tolist())), 1.0)
-            self.corrector.learn_one(dict(zip(names, (-d).tolist())), 0.0)
+        # RankNet-style pairs (Corrector.learn_group): x_pos - x_neg -> 1 and the mirror -> 0
+        self.corrector.learn_group(self.features(user, cols, ts), self.feature_names)
 
     def observe(self, user: str, item: str, rating: float | None, ts: float, *,
                 scores: np.ndarray | None = None) -> None:

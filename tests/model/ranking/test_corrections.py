@@ -62,6 +62,30 @@ class TestContract:
         assert seen[0].name == c.name and seen[0].update > 1000
 
 
+def ranking_examples(n: int, seed: int = 0, size: int = 7):
+    """Ranking examples over features (a, b, noise): the liked item (row 0) has the highest a - 0.5 b."""
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        X = rng.normal(size=(size, 3))
+        yield X[np.argsort(-(X[:, 0] - 0.5 * X[:, 1]))]
+
+
+@pytest.mark.parametrize("cls", ALL_CORRECTORS, ids=lambda c: c.__name__)
+def test_learn_group_ranks_the_liked_item_first(cls):
+    """The policy's learning step (the liked item against the items it was ranked against): a learning
+    corrector puts the liked item first far above chance (1/7) afterwards; the fixed blend learns nothing
+    but must accept the call."""
+    names = ["a", "b", "noise"]
+    c = make(cls)
+    for X in ranking_examples(2000):
+        c.learn_group(X, names)
+    top1 = np.mean([np.argmax(c.predict_many(X, names)) == 0 for X in ranking_examples(300, seed=9)])
+    if cls is LinearBlendCorrector:
+        assert c.n_learned == 2000 * 12
+    else:
+        assert top1 > 0.7
+
+
 def test_river_corrector_learns_planted_signal():
     c = RiverCorrector(min_updates=10**9)
     errors = [c.learn_one(x, y) for x, y in planted(3000)]
