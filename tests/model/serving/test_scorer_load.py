@@ -6,7 +6,9 @@ reports (a response mixing two adapters, e.g. a user vector from one and item ve
 would match no reference). The load comes from a separate process (``tests/scorer_loadgen.py``), as
 real clients would. The serving dtype is the device default (bf16 on a bf16-capable CPU), so
 references are computed by the scorer's own snapshot of each version on one text at a time, and the
-comparison allows for bf16 batch/padding noise (measured <= 0.025), far below the gap between adapters.
+comparison allows for bf16 batch/padding noise (measured up to 0.058 on a Xeon with AMX, where a short
+history is padded inside a batch of longer ones), far below the gap between adapters (0.57 to 1.6, checked
+before the run: every pair of versions must differ by more than 4 x TOL for every user).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def _users(n: int = 32) -> list[tuple[str, ...]]:
 
 USERS = _users()
 CANDS = [f"i{k}" for k in range(12, 40)]
-TOL = 0.04
+TOL = 0.1
 
 
 @pytest.mark.slow
@@ -70,7 +72,7 @@ async def test_load_with_hot_swaps(tmp_path):
     for u in range(len(USERS)):
         for a, b in itertools.combinations(VERSIONS, 2):
             gap = max(abs(x - y) for x, y in zip(refs[(a, u)], refs[(b, u)]))
-            assert gap > 3 * TOL, (a, b, gap)  # adapters are far apart: a mixed answer cannot pass
+            assert gap > 4 * TOL, (a, b, gap)  # adapters are far apart: a mixed answer cannot pass
 
     # What one swap costs on this machine: a new snapshot and the 32 user vectors it must recompute
     # (batched, as the server does). The run is stretched so that swap work takes at most SWAP_SHARE
