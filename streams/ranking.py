@@ -120,7 +120,8 @@ class LoopRanker(Ranker):
         self.sources = (self.itemknn, self.decayed, self.counts)
         self.corrector = RiverCorrector(min_updates=200)
         self.corrector.on_drift(self._on_drift)
-        self.scorer = ScorerClient(s.scorer.base_url, s.scorer.timeout_s)
+        self.scorer = ScorerClient(s.scorer.base_url, s.scorer.timeout_s, circuit_failures=s.scorer.circuit_failures,
+                                   circuit_open_s=s.scorer.circuit_open_s)
         self.lm_k = min(100, s.scorer.max_k)
         self.shown: OrderedDict[str, dict[str, dict]] = OrderedDict()
         self.online: deque[tuple[bool, float]] = deque(maxlen=1000)

@@ -200,6 +200,15 @@ SCORER_CLIENT_SECONDS = Histogram(
     "Round-trip time of a scoring call seen by the recommend agent (network + queue + model).",
     buckets=SCORING_BUCKETS,
 )
+SCORER_CIRCUIT_OPEN = Gauge(
+    "driftrec_scorer_circuit_open",
+    "1 while the recommend stage's scorer client has its circuit open (requests answered from the fallback "
+    "without calling the scorer), else 0.",
+)
+SCORER_CIRCUIT_OPENS = Counter(
+    "driftrec_scorer_circuit_opens",
+    "Times the scorer client's circuit opened (consecutive failures, a refused connection, or a failed trial).",
+)
 E2E_LATENCY_SECONDS = Histogram(
     "driftrec_event_to_recommendation_seconds",
     "Event time of the triggering event/request to the recommendation being published.",
@@ -212,7 +221,7 @@ RECOMMENDATIONS_PUBLISHED = Counter(
 FALLBACKS = Counter(
     "driftrec_recommendation_fallbacks",
     "Recommendations served without the LM scorer, by reason "
-    "(scorer_timeout/scorer_error/scorer_unavailable/no_features/cold_start).",
+    "(scorer_timeout/scorer_error/scorer_unavailable/scorer_circuit_open/deadline/policy_error/policy_not_ready).",
     ["reason"],
 )
 RANKING_OBSERVED = Counter(
@@ -321,7 +330,8 @@ def prime(domains=("default",), topics=()) -> None:
         CHECKPOINT_REJECTIONS.labels(reason=reason)
     for reason in ("malformed", "no_key", "unsigned", "bad_signature", "stale", "replayed"):
         CONTROL_REJECTED.labels(reason=reason)
-    for reason in ("scorer_timeout", "scorer_error", "scorer_unavailable", "policy_error", "policy_not_ready"):
+    for reason in ("scorer_timeout", "scorer_error", "scorer_unavailable", "scorer_circuit_open", "deadline",
+                   "policy_error", "policy_not_ready"):
         FALLBACKS.labels(reason=reason)
     for outcome in ("promoted", "rejected", "failed", "skipped"):
         TRAINER_RUNS.labels(outcome=outcome)

@@ -194,7 +194,15 @@ class ScorerSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=8088, ge=0, lt=65536)
     url: str = Field(default="", description="scorer base URL for clients; empty = http://host:port")
-    timeout_s: float = Field(default=0.5, gt=0, le=60)
+    timeout_s: float = Field(default=0.5, gt=0, le=60, description="the most one scoring call may take")
+    circuit_failures: int = Field(
+        default=3, ge=1, le=1000,
+        description="consecutive failed scoring calls (timeouts, errors) that open the client's circuit; a refused "
+                    "connection opens it at once")
+    circuit_open_s: float = Field(
+        default=10.0, gt=0, le=3600,
+        description="how long an open circuit answers every request from the fallback without calling the scorer; "
+                    "then one trial call decides whether it closes")
     admin_token: SecretStr | None = Field(
         default=None, description="bearer token for the admin endpoints (at least 16 characters); unset = admin disabled")
     max_request_bytes: int = Field(default=256 * 1024, ge=1024, le=64 * 1024 * 1024)
@@ -280,6 +288,13 @@ class RankingSettings(_Section):
     corrector_min_updates: int = Field(default=2000, ge=0)
     cold_threshold: int = Field(default=5, ge=0)
     seed: int = 0
+    batch_deadline_s: float = Field(
+        default=2.0, gt=0, le=600,
+        description="the most the recommend stage spends ranking one fetched batch's requests (ranked concurrently, "
+                    "at most max_concurrency at a time); a request not ranked by then is answered from the flagged "
+                    "popularity fallback (reason deadline)")
+    max_concurrency: int = Field(default=16, ge=1, le=1024,
+                                 description="requests of one batch ranked at the same time")
     model_watch_interval_s: float = Field(default=5.0, gt=0, le=3600,
                                           description="how often the worker re-reads the knowledge model's ACTIVE pointer")
     kg_path: str | None = Field(default=None, description="knowledge graph (a folder with *.kg [+ *.link], or a "

@@ -4,10 +4,18 @@ For each request the stage ranks candidates and publishes a :class:`Recommendati
 id. Ranking goes through :class:`driftrec.streams.ranking.Ranker`; when the LM scorer cannot answer, the
 fallback ranking (time-decayed popularity over this worker's stream, excluding what the user has
 seen) is used and the output is flagged ``fallback=true``.
+
+The requests of one fetched batch are ranked concurrently (``ranking.max_concurrency`` at a time) under
+one deadline (``ranking.batch_deadline_s``): a slow scorer costs the batch at most that, and a request
+not ranked by then is answered from the fallback (``driftrec_recommendation_fallbacks_total{reason=
+"deadline"}``). Clicks and ratings keep their place: the requests before one are ranked (and their
+answers sent, in request order) before the ranker learns from it, so a ranker sees exactly what it would
+see one event at a time.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING, Sequence
@@ -23,37 +31,81 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+async def rank_all(ranker, requests: Sequence[RecommendationRequest], deadline: float, limit: int) -> list:
+    """Rank ``requests`` concurrently (at most ``limit`` at a time) until the monotonic ``deadline``;
+    what is not ranked by then gets the flagged fallback. Answers are in request order."""
+    sem = asyncio.Semaphore(limit)
+
+    async def one(req):
+        async with sem:
+            if time.monotonic() >= deadline:
+                return None
+            return await ranker.rank(req)
+
+    tasks = [asyncio.ensure_future(one(r)) for r in requests]
+    remaining = deadline - time.monotonic()
+    if remaining > 0:
+        await asyncio.wait(tasks, timeout=remaining)
+    late = [t for t in tasks if not t.done()]
+    for t in late:
+        t.cancel()
+    if late:
+        await asyncio.gather(*late, return_exceptions=True)  # let the cancellations land
+    failed = next((t.exception() for t in tasks if t not in late and t.exception() is not None), None)
+    if failed is not None:
+        raise failed  # a ranker's own exception is the stage's failure, as one request at a time
+    out = []
+    for req, task in zip(requests, tasks):
+        ranked = None if task in late else task.result()
+        if ranked is None:
+            metrics.FALLBACKS.labels(reason="deadline").inc()
+            ranked = ranker.fallback(req, reason="popular right now (ranking deadline passed)")
+        out.append(ranked)
+    return out
+
+
 def register(app: "DriftrecApp") -> None:
     settings = app.settings
     out = app.topic(settings.topics.recommendations.name, key_serializer="raw", value_serializer="raw")
     ranker = build_ranker(app)
+    budget_s, limit = settings.ranking.batch_deadline_s, settings.ranking.max_concurrency
 
     async def stage(batch: Sequence[Accepted]):
         futures = []
+        deadline = time.monotonic() + budget_s
+        pending: list[RecommendationRequest] = []
+
+        async def answer() -> None:
+            ranked_all = await rank_all(ranker, pending, deadline, limit)
+            for ev, ranked in zip(pending, ranked_all):
+                now = time.time()
+                rec = Recommendation(
+                    event_id=new_event_id(),
+                    event_time=now,
+                    request_id=ev.event_id,
+                    user_id=ev.user_id,
+                    items=ranked.items,
+                    model_version=ranked.model_version,
+                    adapter_version=ranked.adapter_version,
+                    domain=ranked.domain,
+                    fallback=ranked.fallback,
+                    produced_at=now,
+                )
+                futures.append(await out.send(key=ev.user_id.encode(), value=rec.dumps()))
+                metrics.RECOMMENDATIONS_PUBLISHED.inc()
+                metrics.E2E_LATENCY_SECONDS.observe(max(now - ev.event_time, 0.0))
+            pending.clear()
+
         for acc in batch:
             ev = acc.event
             if isinstance(ev, (Click, Rating)):
+                if pending:
+                    await answer()
                 ranker.learn(ev)
-                continue
-            if not isinstance(ev, RecommendationRequest):
-                continue
-            ranked = await ranker.rank(ev)
-            now = time.time()
-            rec = Recommendation(
-                event_id=new_event_id(),
-                event_time=now,
-                request_id=ev.event_id,
-                user_id=ev.user_id,
-                items=ranked.items,
-                model_version=ranked.model_version,
-                adapter_version=ranked.adapter_version,
-                domain=ranked.domain,
-                fallback=ranked.fallback,
-                produced_at=now,
-            )
-            futures.append(await out.send(key=ev.user_id.encode(), value=rec.dumps()))
-            metrics.RECOMMENDATIONS_PUBLISHED.inc()
-            metrics.E2E_LATENCY_SECONDS.observe(max(now - ev.event_time, 0.0))
+            elif isinstance(ev, RecommendationRequest):
+                pending.append(ev)
+        if pending:
+            await answer()
         return StageResult(durable=futures) if futures else None
 
     app.pipeline.register("recommend", stage, types=(Click.TYPE, Rating.TYPE, RecommendationRequest.TYPE))

@@ -149,7 +149,8 @@ def test_scorer_killed_recommendations_continue_through_the_fallback(kafka):
     # A generous timeout: on a loaded 2-core CI machine the scorer's first forwards, beside a worker
     # still starting its writer process, can take seconds; the fallback below comes from the kill.
     # (30 s: a saturated machine once made one of the first forwards miss a 10 s deadline)
-    worker = start_worker(settings, DRIFTREC_SCORER__URL=f"http://127.0.0.1:{port}", DRIFTREC_SCORER__TIMEOUT_S="30")
+    worker = start_worker(settings, DRIFTREC_SCORER__URL=f"http://127.0.0.1:{port}", DRIFTREC_SCORER__TIMEOUT_S="30",
+                          DRIFTREC_RANKING__BATCH_DEADLINE_S="60")
     try:
         import urllib.request
 
@@ -361,3 +362,55 @@ def test_a_restarted_embedded_broker_does_not_alias_old_offsets(tmp_path):
     finally:
         reader.close()
         emb.stop()
+
+
+def test_a_slow_scorer_costs_a_batch_at_most_its_deadline_and_the_circuit_keeps_it_out(kafka, tmp_path):
+    """A scorer that answers after 5 s (timeout 1 s): every request is answered from the flagged fallback,
+    the circuit keeps the scorer out after the first wave (so 100 requests do not cost 100 timeouts),
+    and the events interleaved with the requests are all counted, exactly once."""
+    from collections import Counter
+
+    from tests.e2e.test_streams_e2e import request_records as requests_for
+    from tests.slow_scorer import SlowScorer
+
+    bootstrap, _ = kafka
+    settings = _settings(bootstrap, tmp_path)
+    world = World(n_users=20, n_items=60, seed=37)
+    events = _events(world, 1500, seed=37)
+    produce_raw(bootstrap, _catalogue(settings, world))
+    open_s, concurrency = 5.0, settings.ranking.max_concurrency
+    with SlowScorer(delay_s=5.0) as slow:
+        worker = start_worker(settings, DRIFTREC_SCORER__URL=slow.url, DRIFTREC_SCORER__TIMEOUT_S="1",
+                              DRIFTREC_SCORER__CIRCUIT_OPEN_S=str(open_s))
+        reader = FeatureReader(settings)
+        try:
+            t0 = time.monotonic()
+            reqs = requests_for(settings, world, 100, "slow", seed=5)
+            records = _records(settings, events)
+            mixed = [r for pair in zip(records[::15], reqs) for r in pair] + [r for n, r in enumerate(records) if n % 15]
+            produce_raw(bootstrap, mixed)
+            wait_until(lambda: worker.metric("driftrec_recommendations_published_total") >= 100, 120,
+                       message="every request answered")
+            _wait_equal(reader, _truth(world, events), 120, "features equal to the truth of every event", worker)
+            elapsed = time.monotonic() - t0
+            recs = [r for r in read_json_topic(bootstrap, settings.topics.recommendations.name, min_count=100)
+                    if r["request_id"].startswith("slow-")]
+            assert len(recs) == 100 and all(r["fallback"] and r["items"] for r in recs)
+            why = Counter(r["items"][0]["reason"].removeprefix("popular right now ") for r in recs)
+            allowed = {"(scorer unavailable: scorer_timeout)", "(scorer unavailable: scorer_circuit_open)",
+                       "(ranking deadline passed)"}
+            assert set(why) <= allowed, why
+            # The scorer saw the first wave (at most max_concurrency requests in flight before the first
+            # timeout opened the circuit) plus at most one trial per open period; without the circuit each
+            # of the 100 requests would have waited for its 1 s timeout, one after another.
+            assert why["(scorer unavailable: scorer_timeout)"] <= concurrency + elapsed / open_s + 1, (why, elapsed)
+            assert slow.calls <= concurrency + elapsed / open_s + 1, (slow.calls, elapsed)
+            assert worker.metric("driftrec_scorer_circuit_opens_total") >= 1
+            fallbacks = {r: worker.metric("driftrec_recommendation_fallbacks_total", {"reason": r})
+                         for r in ("scorer_timeout", "scorer_circuit_open", "deadline")}
+            assert sum(fallbacks.values()) == 100, fallbacks
+            assert worker.metric("driftrec_events_ingested_total", {"outcome": "ok"}) == len(events) + len(world.items) + 100
+            assert worker.proc.poll() is None
+        finally:
+            worker.stop()
+            reader.close()
