@@ -427,7 +427,7 @@ def serving() -> dict[str, Any]:
         unit="s",
     )
     d.panel(
-        "Candidates by source",
+        "Candidates by source (ranking.engine: loop)",
         [(f"sum by (source) (rate(driftrec_candidates_total[{W}]))", "{{source}}")],
         unit="ops",
         stack=True,

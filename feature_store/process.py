@@ -117,7 +117,8 @@ class ProcessWriter(FeatureWriter):
         parent, child = ctx.Pipe(duplex=True)
         proc = ctx.Process(target=_serve, name=f"driftrec-{self.store_name}-writer", daemon=True,
                            args=(child, self.settings.dump_without_secrets(), self.store_name))
-        proc.start()
+        # the first start launches the fork server, which imports Feast (seconds): not on the event loop
+        await asyncio.to_thread(proc.start)
         child.close()
         self._proc, self._conn = proc, parent
         try:

@@ -12,6 +12,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from driftrec.core import metrics
 from driftrec.core.contracts import Click, Rating, RecommendationRequest, RecommendedItem
 
 if TYPE_CHECKING:
@@ -118,6 +119,8 @@ class LoopRanker(Ranker):
         self.decayed = self.popularity  # learnt from every worker's interactions (the follower below)
         self.counts = PopularitySource()
         self.sources = (self.itemknn, self.decayed, self.counts)
+        for source in ("lm", self.itemknn.name, self.decayed.name):  # series at 0 before the first ranking
+            metrics.CANDIDATES.labels(source=source)
         self.corrector = RiverCorrector(min_updates=200)
         self.corrector.on_drift(self._on_drift)
         self.scorer = ScorerClient(s.scorer.base_url, s.scorer.timeout_s, circuit_failures=s.scorer.circuit_failures,
