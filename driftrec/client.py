@@ -85,8 +85,11 @@ class AsyncProducer:
         if self._bootstrap is None:
             with broker(self.settings, start=False) as servers:
                 self._bootstrap = servers
+        from driftrec.core.kafka_auth import client_options
+
         self._producer = AIOKafkaProducer(
             bootstrap_servers=self._bootstrap,
+            **client_options(self.settings.kafka),
             acks="all",
             enable_idempotence=False,
             linger_ms=5,
@@ -213,6 +216,7 @@ async def subscribe(
     from aiokafka import AIOKafkaConsumer
 
     from driftrec.core.broker import broker, is_tansu, session_timeouts
+    from driftrec.core.kafka_auth import client_options
 
     settings = settings or Settings.load()
     if bootstrap_servers is None:
@@ -222,6 +226,7 @@ async def subscribe(
     consumer = AIOKafkaConsumer(
         topic or settings.topics.recommendations.name,
         bootstrap_servers=bootstrap_servers,
+        **client_options(settings.kafka),
         group_id=group_id,
         auto_offset_reset="earliest" if from_beginning else "latest",
         enable_auto_commit=group_id is not None,

@@ -124,7 +124,9 @@ def stream_settings(base: Settings, bootstrap: str, workdir: Path, ranking: Rank
     """``base`` pointed at ``bootstrap`` (as Tansu), with every topic on one partition (the follower's
     order is the produce order), its own state folders under ``workdir`` and ``ranking``."""
     data = json.loads(base.dump_without_secrets())
-    data["kafka"].update({"bootstrap_servers": bootstrap, "broker_kind": "tansu"})
+    data["kafka"].update({"bootstrap_servers": bootstrap, "broker_kind": "tansu", "security_protocol": "PLAINTEXT"})
+    for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "sasl_username"):  # the embedded broker is plaintext
+        data["kafka"].pop(key, None)
     for spec in data["topics"].values():
         spec["partitions"] = 1
     data["stream"]["data_dir"] = str(workdir / "streams")
@@ -189,8 +191,10 @@ async def produce_catalogue(item_ids: list[str], items: dict, settings: Settings
 
     from driftrec.core.contracts import Item
 
+    from driftrec.core.kafka_auth import client_options
+
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all",
-                                enable_idempotence=False, linger_ms=5)
+                                enable_idempotence=False, linger_ms=5, **client_options(settings.kafka))
     await producer.start()
     try:
         now = time.time()
@@ -217,8 +221,12 @@ async def drive_stream(events, points: list[dict], settings: Settings, worker: W
     t = settings.topics
     bootstrap = settings.kafka.bootstrap_servers
     at = {pt["position"]: pt for pt in points}
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=False, linger_ms=2)
-    consumer = AIOKafkaConsumer(t.recommendations.name, bootstrap_servers=bootstrap, group_id=None,
+    from driftrec.core.kafka_auth import client_options
+
+    security = client_options(settings.kafka)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=False, linger_ms=2,
+                                **security)
+    consumer = AIOKafkaConsumer(t.recommendations.name, bootstrap_servers=bootstrap, group_id=None, **security,
                                 auto_offset_reset="earliest", enable_auto_commit=False, fetch_max_wait_ms=20)
     await producer.start()
     await consumer.start()

@@ -17,6 +17,7 @@ from pathlib import Path
 import faust
 
 from driftrec.core.broker import is_tansu, session_timeouts
+from driftrec.core.kafka_auth import faust_credentials
 from driftrec.core.settings import Settings
 from driftrec.streams import faust_patches
 from driftrec.streams.batching import BatchingTransport
@@ -104,6 +105,7 @@ def _build_faust_app(settings: Settings, bootstrap_servers: str) -> DriftrecApp:
     return DriftrecApp(
         s.app_id,
         broker=[f"kafka://{hp}" for hp in bootstrap_servers.split(",")],
+        broker_credentials=faust_credentials(settings.kafka),
         store="rocksdb://" if s.table_store == "rocksdb" else "memory://",
         datadir=str(data_dir),
         autodiscover=False,

@@ -232,12 +232,14 @@ def tansu_pids() -> set[int]:
 
 
 class TcpProxy:
-    """A loopback TCP forwarder that can be cut (connections dropped, new ones refused) and restored."""
+    """A loopback TCP forwarder that can be cut (connections dropped, new ones refused) and restored;
+    with ``ssl_context`` it terminates TLS (clients speak TLS to it, it speaks plain TCP to the target)."""
 
-    def __init__(self, target_port: int, listen_port: int = 0) -> None:
+    def __init__(self, target_port: int, listen_port: int = 0, ssl_context=None) -> None:
         import socket as _socket
 
         self.target_port = target_port
+        self.ssl_context = ssl_context
         if not listen_port:
             with _socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
@@ -277,7 +279,8 @@ class TcpProxy:
         self._conns.difference_update({writer, up_w})
 
     async def _up(self):
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port, reuse_address=True)
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port, reuse_address=True,
+                                                  ssl=self.ssl_context)
 
     async def _down(self):
         if self._server is not None:

@@ -39,7 +39,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from driftrec.core.settings import Settings
 
@@ -175,21 +175,24 @@ def wait_until_ready(bootstrap: str, timeout_s: float, proc: subprocess.Popen | 
 
 
 async def _metadata_ok(bootstrap: str) -> None:
-    from aiokafka.admin import AIOKafkaAdminClient
+    """The broker at ``bootstrap`` answers a metadata request on that very connection (the address it
+    advertises may be a proxy in front of it that speaks something else, e.g. TLS)."""
+    from aiokafka.client import AIOKafkaClient
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=2000)
-    await admin.start()
+    client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=2000)
     try:
-        await admin.list_topics()
+        await client.bootstrap()
     finally:
-        await admin.close()
+        await client.close()
 
 
 async def create_topics(bootstrap: str, settings: Settings) -> list[str]:
     """Create every driftrec topic that does not exist yet, with its final partition count."""
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
+    from driftrec.core.kafka_auth import client_options
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000, **client_options(settings.kafka))
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -267,12 +270,13 @@ def broker(settings: Settings, *, start: bool = True, share: bool = False, log_p
 # --- broker identity ---------------------------------------------------------------------------
 
 
-async def cluster_id(bootstrap: str, timeout_s: float = 10.0) -> str:
-    """The cluster id the broker reports in its metadata (Metadata v2+; '' if it reports none)."""
+async def cluster_id(bootstrap: str, timeout_s: float = 10.0, **security: Any) -> str:
+    """The cluster id the broker reports in its metadata (Metadata v2+; '' if it reports none);
+    ``security``: :func:`driftrec.core.kafka_auth.client_options`."""
     from aiokafka.client import AIOKafkaClient
     from aiokafka.protocol.metadata import MetadataRequest
 
-    client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
+    client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000), **security)
     try:
         await asyncio.wait_for(client.bootstrap(), timeout_s)
         node = client.get_random_node()
@@ -289,9 +293,9 @@ def epoch_of(cluster: str) -> str:
     return hashlib.blake2b(cluster.encode(), digest_size=4).hexdigest()
 
 
-async def broker_epoch(bootstrap: str, timeout_s: float = 10.0) -> str:
+async def broker_epoch(bootstrap: str, timeout_s: float = 10.0, **security: Any) -> str:
     """The epoch of the broker at ``bootstrap``: :func:`epoch_of` its cluster id."""
-    return epoch_of(await cluster_id(bootstrap, timeout_s))
+    return epoch_of(await cluster_id(bootstrap, timeout_s, **security))
 
 
 # --- end offsets -----------------------------------------------------------------------------
@@ -306,13 +310,16 @@ async def true_end_offsets(consumer, partitions) -> dict:
     """
     from aiokafka import AIOKafkaConsumer
 
+    from driftrec.core.kafka_auth import options_of
+
     partitions = list(partitions)
     if not partitions:
         return {}
     reported = await consumer.end_offsets(partitions)
-    client = consumer._client  # reuse the bootstrap list the consumer was built with
+    client = consumer._client  # reuse the bootstrap list (and TLS/SASL) the consumer was built with
     probe = AIOKafkaConsumer(
         bootstrap_servers=client._bootstrap_servers,
+        **options_of(client),
         enable_auto_commit=False,
         group_id=None,
         fetch_max_bytes=1024 * 1024,

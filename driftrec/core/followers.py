@@ -67,9 +67,11 @@ class TopicFollower:
         from aiokafka import AIOKafkaConsumer, TopicPartition
 
         from driftrec.core.broker import true_end_offsets
+        from driftrec.core.kafka_auth import client_options
 
         while True:
             consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap_servers, group_id=None,
+                                        **client_options(self.settings.kafka),
                                         enable_auto_commit=False, auto_offset_reset="earliest")
             try:
                 await consumer.start()

@@ -65,6 +65,7 @@ class TopicsSettings(_Section):
 
 
 class KafkaSettings(_Section):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, hide_input_in_errors=True)  # a secret inside
     bootstrap_servers: str = Field(
         default="",
         description="Comma-separated host:port list. Empty = start the embedded Tansu broker.",
@@ -81,6 +82,19 @@ class KafkaSettings(_Section):
     embedded_session_timeout_s: float = Field(default=10.0, gt=0, le=60)
     embedded_heartbeat_interval_s: float = Field(default=3.0, gt=0, le=30)
     broker_startup_timeout_s: float = Field(default=30.0, gt=0, le=600)
+    # Production clusters: TLS and/or SASL, passed to every Kafka client driftrec makes (Faust's
+    # consumer and producers, the followers, the trainer, the client library; driftrec.core.kafka_auth).
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        default="PLAINTEXT", description="how clients talk to the configured cluster (the embedded broker is "
+                                         "plaintext on loopback)")
+    ssl_cafile: Path | None = Field(default=None, description="CA bundle that signed the brokers' certificates "
+                                                              "(unset = the system's trust store)")
+    ssl_certfile: Path | None = Field(default=None, description="client certificate (mutual TLS)")
+    ssl_keyfile: Path | None = Field(default=None, description="the client certificate's private key")
+    ssl_check_hostname: bool = True
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "SCRAM-SHA-512"
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
 
     @field_validator("bootstrap_servers")
     @classmethod
@@ -97,6 +111,35 @@ class KafkaSettings(_Section):
     @property
     def embedded(self) -> bool:
         return not self.bootstrap_servers
+
+    @property
+    def uses_ssl(self) -> bool:
+        return self.security_protocol in ("SSL", "SASL_SSL")
+
+    @property
+    def uses_sasl(self) -> bool:
+        return self.security_protocol.startswith("SASL")
+
+    @model_validator(mode="after")
+    def _security_complete(self) -> "KafkaSettings":
+        if self.security_protocol != "PLAINTEXT" and self.embedded:
+            raise ValueError(f"kafka.security_protocol={self.security_protocol} needs kafka.bootstrap_servers: "
+                             "the embedded broker is plaintext on loopback")
+        if self.uses_sasl and (not self.sasl_username or self.sasl_password is None
+                               or not self.sasl_password.get_secret_value()):
+            raise ValueError(f"kafka.security_protocol={self.security_protocol} needs kafka.sasl_username and "
+                             "kafka.sasl_password")
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("kafka.ssl_certfile and kafka.ssl_keyfile go together (mutual TLS)")
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            path = getattr(self, name)
+            if path is not None:
+                if not self.uses_ssl:
+                    raise ValueError(f"kafka.{name} is set but kafka.security_protocol={self.security_protocol} "
+                                     "does not use TLS")
+                if not Path(path).is_file():
+                    raise ValueError(f"kafka.{name}: no file at {path}")
+        return self
 
     @model_validator(mode="after")
     def _heartbeat_below_session(self) -> "KafkaSettings":
@@ -369,7 +412,8 @@ class Settings(BaseSettings):
         return (init_settings, env_settings, _YamlSource(settings_cls))
 
     #: secret fields: ``dump_without_secrets`` leaves them out (a dump would hold "**********" instead)
-    SECRETS: ClassVar[dict[str, Any]] = {"scorer": {"admin_token"}, "security": {"control_key"}}
+    SECRETS: ClassVar[dict[str, Any]] = {"kafka": {"sasl_password"}, "scorer": {"admin_token"},
+                                         "security": {"control_key"}}
 
     def dump_without_secrets(self) -> str:
         """These settings as JSON for a child process, secrets left out: ``Settings(**json)`` in the child

@@ -17,6 +17,7 @@ import time
 from typing import Any, AsyncIterable
 
 from driftrec.core import metrics
+from driftrec.core.kafka_auth import client_options
 from driftrec.core.signing import Rejected, Verifier
 
 from driftrec.model.adapters import valid_name
@@ -104,6 +105,7 @@ async def consume_adapter_announcements(settings: Any, scorer: Any, bootstrap: s
     consumer = AIOKafkaConsumer(
         settings.topics.adapters.name,
         bootstrap_servers=bootstrap,
+        **client_options(settings.kafka),
         client_id=f"{settings.kafka.client_id}-scorer",
         group_id=None,
         enable_auto_commit=False,

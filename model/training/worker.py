@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from driftrec.core import metrics
+from driftrec.core.kafka_auth import client_options
 from driftrec.core.signing import signed
 from driftrec.model.adapters import BASE_VERSION, CheckpointError, load_checkpoint
 from driftrec.model.training.gate import Gate, ItemMatrixCache, OnlineMonitor, Publisher, RollbackPolicy, evaluate_model
@@ -259,14 +260,15 @@ def training_worker(settings, domain: str | None = None, *, items: Iterable[Item
 
 
 async def read_tail(bootstrap: str, topics: Sequence[str], max_records: int, *, from_beginning: bool = False,
-                    timeout_s: float = 30.0) -> list[dict]:
-    """The newest ``max_records`` records per topic (all with ``from_beginning``), decoded, unordered."""
+                    timeout_s: float = 30.0, security: dict | None = None) -> list[dict]:
+    """The newest ``max_records`` records per topic (all with ``from_beginning``), decoded, unordered;
+    ``security``: :func:`driftrec.core.kafka_auth.client_options`."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     from driftrec.core.broker import true_end_offsets
 
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                                auto_offset_reset="earliest")
+                                auto_offset_reset="earliest", **(security or {}))
     await consumer.start()
     out: list[dict] = []
     try:
@@ -356,6 +358,7 @@ class KafkaAnnouncer:
     """Publishes :class:`AdapterAnnouncement` records on the adapters topic (acks=all, no idempotence)."""
 
     def __init__(self, settings, bootstrap: str) -> None:
+        self.settings = settings
         self.topic = settings.topics.adapters.name
         self.bootstrap = bootstrap
         self.key = settings.security.control_key_bytes()  # unsigned without a key: scorers then ignore it
@@ -364,7 +367,10 @@ class KafkaAnnouncer:
     async def start(self) -> "KafkaAnnouncer":
         from aiokafka import AIOKafkaProducer
 
-        self._producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=False)
+        from driftrec.core.kafka_auth import client_options
+
+        self._producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=False,
+                                          **client_options(self.settings.kafka))
         await self._producer.start()
         return self
 
@@ -379,7 +385,8 @@ class KafkaAnnouncer:
 
 
 async def _load_items(settings, bootstrap: str, catalogue: str | None) -> list[Item]:
-    items = items_from_records(await read_tail(bootstrap, [settings.topics.items.name], 0, from_beginning=True))
+    items = items_from_records(await read_tail(bootstrap, [settings.topics.items.name], 0, from_beginning=True,
+                                               security=client_options(settings.kafka)))
     if catalogue:
         from driftrec.model.catalogue import Catalogue
 
@@ -395,7 +402,8 @@ async def train_once(settings, bootstrap: str, domain: str | None = None, *, cat
     ts = settings.trainer
     topics = [settings.topics.clicks.name, settings.topics.ratings.name, settings.topics.recommendations.name]
     items = await _load_items(settings, bootstrap, catalogue)
-    events = order_events(await read_tail(bootstrap, topics, ts.window_events + ts.context_events))
+    events = order_events(await read_tail(bootstrap, topics, ts.window_events + ts.context_events,
+                                          security=client_options(settings.kafka)))
     if worker is None:
         worker = await asyncio.to_thread(training_worker, settings, domain, items=items)
     else:
@@ -426,7 +434,8 @@ async def run_forever(settings, bootstrap: str, domain: str | None = None, *, ca
         worker = await asyncio.to_thread(training_worker, settings, domain, items=items)
     else:
         worker.set_items(items)
-    backlog = [e for e in order_events(await read_tail(bootstrap, topics, ts.window_events + ts.context_events))
+    backlog = [e for e in order_events(await read_tail(bootstrap, topics, ts.window_events + ts.context_events,
+                                                       security=client_options(settings.kafka)))
                if worker.owns(e)]
     window: deque[dict] = deque(backlog, maxlen=ts.window_events + ts.context_events)
     drift = {"fired": False}
@@ -434,7 +443,7 @@ async def run_forever(settings, bootstrap: str, domain: str | None = None, *, ca
         worker.monitor.on_drift(lambda ev: drift.__setitem__("fired", True))
     announcer = await KafkaAnnouncer(settings, bootstrap).start()
     consumer = AIOKafkaConsumer(*topics, settings.topics.items.name, bootstrap_servers=bootstrap, group_id=None,
-                                enable_auto_commit=False, auto_offset_reset="latest")
+                                enable_auto_commit=False, auto_offset_reset="latest", **client_options(settings.kafka))
     await consumer.start()
     new_events, last_run = 0, time.monotonic()
     running: asyncio.Task | None = None

@@ -48,6 +48,7 @@ import orjson
 
 from driftrec.core import metrics
 from driftrec.core.broker import broker_epoch
+from driftrec.core.kafka_auth import client_options
 from driftrec.feature_store.sink import RowSink
 from driftrec.feature_store.process import create_writer
 from driftrec.feature_store.writer import FeatureWriter
@@ -288,7 +289,7 @@ class FeaturesStage:
         delay = 0.5
         while True:
             try:
-                epoch = await broker_epoch(bootstrap)
+                epoch = await broker_epoch(bootstrap, **client_options(self.app.settings.kafka))
                 break
             except Exception as exc:  # noqa: BLE001 - retried: without it the marks could alias
                 if self.broker_epoch is not None:
