@@ -97,6 +97,19 @@ class CheckpointError(Exception):
         self.reason = reason
 
 
+_ABS_PATH_RE = re.compile(r"(?<![\w.<>])/(?:[^\s'\":,;()/]+/)*([^\s'\":,;()/]*)")
+
+
+def public_message(message: str, adapter_dir: str | os.PathLike) -> str:
+    """``message`` fit for an unauthenticated reader: paths under ``adapter_dir`` relative to it, any
+    other absolute path reduced to its last part (no layout of the host leaks through ``/v1/adapters``)."""
+    root = Path(adapter_dir)
+    for prefix in {str(root.resolve()), str(root.absolute()), str(root)}:
+        if prefix not in ("", ".", "/"):
+            message = message.replace(prefix.rstrip("/") + "/", "<adapter_dir>/").replace(prefix, "<adapter_dir>")
+    return _ABS_PATH_RE.sub(lambda m: f"<path>/{m.group(1)}", message)
+
+
 def valid_name(name: str) -> bool:
     """Domain and version names: letters, digits, '.', '_', '-', not starting with a dot."""
     return isinstance(name, str) and bool(_NAME_RE.match(name)) and ".." not in name
@@ -523,10 +536,10 @@ class AdapterRegistry:
             if not p.is_dir() or not valid_name(p.name):
                 continue
             try:
-                m = json.loads((p / MANIFEST_NAME).read_text(encoding="utf-8"))
+                m = _read_json(p / MANIFEST_NAME, "manifest")  # size-capped
                 created = float(m.get("created_at", 0.0))
                 metrics = m.get("metrics") if isinstance(m.get("metrics"), dict) else {}
-            except (OSError, ValueError, TypeError, AttributeError):
+            except (OSError, ValueError, TypeError, AttributeError, CheckpointError):
                 created, metrics = 0.0, {}
             out.append(VersionEntry(domain, p.name, p, created, metrics))
         out.sort(key=lambda e: (e.created_at, e.version))
@@ -598,6 +611,33 @@ class AdapterRegistry:
             target = history.pop()
             self._save_state(domain, {"active": target, "history": history})
             return target
+
+    def prune(self, domain: str, keep: int) -> list[str]:
+        """Delete the versions of ``domain`` older than its newest ``keep`` (0 = keep all); the active
+        version and every rollback target stay whatever their age. Returns the removed versions.
+
+        A version leaves by a rename into a hidden folder first, so no reader sees it half deleted."""
+        if keep <= 0:
+            return []
+        with self._lock:
+            st = self._load_state(domain)
+            protected = {st["active"], *st["history"]}
+            entries = self.versions(domain)
+            removed = []
+            for e in entries[:-keep]:
+                if e.version in protected:
+                    continue
+                trash = e.path.parent / f".pruned-{e.version}-{uuid.uuid4().hex[:8]}"
+                try:
+                    os.rename(e.path, trash)
+                except OSError as exc:
+                    log.warning("could not prune adapter %s/%s: %s", domain, e.version, exc)
+                    continue
+                shutil.rmtree(trash, ignore_errors=True)
+                removed.append(e.version)
+        if removed:
+            log.info("pruned %d old adapter version(s) of %s: %s", len(removed), domain, ", ".join(removed))
+        return removed
 
     def describe(self, domain: str) -> dict[str, Any]:
         return {

@@ -223,6 +223,9 @@ class ModelSettings(_Section):
     lora_r: int = Field(default=8, ge=1, le=256)
     lora_alpha: int = Field(default=16, ge=1, le=1024)
     lora_dropout: float = Field(default=0.05, ge=0, lt=1)
+    keep_versions: int = Field(default=20, ge=0, le=10_000, description=(
+        "checkpoints kept per domain when the trainer publishes (LoRA adapters and knowledge models): older "
+        "ones are deleted, never the active one or a rollback target; 0 = keep every version"))
 
     def resolved_model_path(self) -> str:
         if self.model_path:

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import time
 import uuid
 from dataclasses import asdict
@@ -173,14 +174,42 @@ def _texts(config: dict, state: dict, item_ids: list[str], items: Mapping[str, A
     return texts
 
 
-def publish(trainer: KnowledgeTrainer, root: str | os.PathLike, version: str, domain: str = "default") -> Path:
-    """Save a checkpoint under ``root/domain/version`` and make it the active one (atomic pointer)."""
+def publish(trainer: KnowledgeTrainer, root: str | os.PathLike, version: str, domain: str = "default", *,
+            keep_versions: int = 0) -> Path:
+    """Save a checkpoint under ``root/domain/version`` and make it the active one (atomic pointer); then
+    delete the versions older than the newest ``keep_versions`` (0 = keep all; see :func:`prune`)."""
     folder = save_knowledge(trainer, Path(root) / domain / version, version=version, domain=domain)
     pointer = Path(root) / domain / ACTIVE
     tmp = pointer.with_name(f".{ACTIVE}.{uuid.uuid4().hex[:8]}")
     tmp.write_text(version)
     os.replace(tmp, pointer)
+    prune(root, domain, keep_versions)
     return folder
+
+
+def prune(root: str | os.PathLike, domain: str, keep: int) -> list[str]:
+    """Delete the ``kNNNN`` versions of ``domain`` older than its newest ``keep`` (0 = keep all), never the
+    active one; a version is renamed into a hidden folder first, so no reader sees it half deleted.
+    (A worker serving an older version holds it in memory: nothing it serves is read from disk again.)"""
+    if keep <= 0:
+        return []
+    folder = Path(root) / domain
+    if not folder.is_dir():
+        return []
+    numbered = sorted((int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := _VERSION.match(p.name)))
+    active = active_version(root, domain)
+    removed = []
+    for _, path in numbered[:-keep]:
+        if path.name == active:
+            continue
+        trash = folder / f".pruned-{path.name}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(path, trash)
+        except OSError:
+            continue
+        shutil.rmtree(trash, ignore_errors=True)
+        removed.append(path.name)
+    return removed
 
 
 def knowledge_root(adapter_dir: str | os.PathLike) -> Path:

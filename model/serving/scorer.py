@@ -62,6 +62,7 @@ from driftrec.model.adapters import (
     base_fingerprint,
     base_model_name,
     load_checkpoint,
+    public_message,
     safe_checkpoint_path,
     valid_name,
     verify_checkpoint,
@@ -357,7 +358,8 @@ class LMScorer(Scorer):
         metrics.CHECKPOINT_REJECTIONS.labels(reason=exc.reason).inc()
         metrics.ADAPTER_SWAPS.labels(domain=domain, outcome="rejected").inc()
         self._rejections = (self._rejections + [
-            {"domain": domain, "version": version, "reason": exc.reason, "error": str(exc)[:300], "at": time.time()}
+            {"domain": domain, "version": version, "reason": exc.reason,
+             "error": public_message(str(exc), self.adapter_dir)[:300], "at": time.time()}
         ])[-20:]
 
     def start(self) -> None:

@@ -295,8 +295,8 @@ def _path_domain(request: web.Request) -> str:
 
 async def list_adapters(request: web.Request) -> web.Response:
     scorer = request.app[SCORER_KEY]
-    if isinstance(scorer, LMScorer):
-        return web.json_response(scorer.adapters_status())
+    if isinstance(scorer, LMScorer):  # reads every manifest on disk: not on the event loop
+        return web.json_response(await asyncio.to_thread(scorer.adapters_status))
     info = scorer.version_info()
     return web.json_response({"model_version": info.model_version, "domains": {info.domain: {"serving": info.adapter_version}}})
 

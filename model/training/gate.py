@@ -177,8 +177,10 @@ _VERSION_RE = re.compile(r"^v(\d+)$")
 class Publisher:
     """Versions, saves and announces adapters of one domain."""
 
-    def __init__(self, adapter_dir: str | Path, domain: str, announce: Announce | None = None) -> None:
+    def __init__(self, adapter_dir: str | Path, domain: str, announce: Announce | None = None, *,
+                 keep_versions: int = 0) -> None:
         self.adapter_dir = Path(adapter_dir)
+        self.keep_versions = keep_versions
         self.domain = domain
         self.registry = AdapterRegistry(self.adapter_dir)
         self.announce_fn = announce
@@ -202,6 +204,7 @@ class Publisher:
         version = self.next_version()
         path = trainer.save(self.adapter_dir, self.domain, version, manifest_extra)
         self.registry.mark_active(self.domain, version)
+        self.registry.prune(self.domain, self.keep_versions)
         ann = AdapterAnnouncement(event_id=new_event_id(), event_time=time.time(), domain=self.domain,
                                   version=version, path=str(path), action="activate")
         log.info("published adapter %s/%s at %s", self.domain, version, path)

@@ -227,7 +227,7 @@ class KnowledgeTrainingWorker:
             result.gate_seconds = time.perf_counter() - t2
             if decision.promote:
                 version = next_version(self.root, self.domain)
-                publish(trainer, self.root, version, self.domain)
+                publish(trainer, self.root, version, self.domain, keep_versions=self.settings.model.keep_versions)
                 decision.version = version
                 result.version = version
                 result.outcome = "promoted"

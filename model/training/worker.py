@@ -75,7 +75,8 @@ class TrainingWorker:
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path)
         self.trainer = trainer if trainer is not None else DriftTrainer(
             settings, encoder=self.encoder, tokenizer=self.tokenizer, seed=seed)
-        self.publisher = Publisher(self.adapter_dir, self.domain, announce)
+        self.publisher = Publisher(self.adapter_dir, self.domain, announce,
+                                   keep_versions=settings.model.keep_versions)
         self.registry = self.publisher.registry
         self.gate = Gate(self.ts.gate_tolerance)
         self.policy = RollbackPolicy(self.ts.rollback_min_count, self.ts.rollback_tolerance)

@@ -268,3 +268,102 @@ def test_two_workers_split_the_items_and_end_at_ground_truth(kafka, tmp_path):
         for w in workers:
             w.stop()
         reader.close()
+
+
+class _Feeder:
+    """Produces records from a thread at a steady pace (``chunk`` every ``every`` s) with one producer;
+    the last ``held`` records wait until :meth:`release` (so the stream is still flowing at a fault)."""
+
+    def __init__(self, bootstrap: str, records: list, chunk: int, every: float, held: int) -> None:
+        import threading
+
+        self.bootstrap, self.records, self.chunk, self.every = bootstrap, records, chunk, every
+        self.until = len(records) - held
+        self.sent = 0
+        self.error: BaseException | None = None
+        self._released = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import asyncio
+
+        from aiokafka import AIOKafkaProducer
+
+        async def main() -> None:
+            producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=False,
+                                        linger_ms=5)
+            await producer.start()
+            try:
+                while self.sent < len(self.records):
+                    if self.sent >= self.until and not self._released.is_set():
+                        await asyncio.sleep(0.05)
+                        continue
+                    part = self.records[self.sent:self.sent + self.chunk]
+                    await asyncio.gather(*[await producer.send(t, key=k, value=v) for t, k, v in part])
+                    self.sent += len(part)
+                    await asyncio.sleep(self.every)
+            finally:
+                await producer.stop()
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:  # noqa: BLE001 - reported by join()
+            self.error = exc
+
+    @property
+    def flowing(self) -> bool:
+        return self._thread.is_alive() and self.sent < self.until
+
+    def release(self) -> None:
+        self._released.set()
+
+    def join(self, timeout: float) -> None:
+        self.release()
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "the feeder did not finish"
+        if self.error is not None:
+            raise AssertionError(f"the feeder failed: {self.error!r}")
+
+
+@pytest.mark.faults  # issue 19 fault 5
+def test_a_rebalance_with_batches_in_flight_then_a_killed_worker_ends_at_ground_truth(kafka, tmp_path):
+    """Events flow without a pause while a second worker joins (the first has batches in flight when its
+    partitions are revoked) and while the first is then SIGKILLed (its uncommitted batches are redelivered to
+    the survivor): the survivor ends at the ground truth - nothing lost, nothing counted twice."""
+    bootstrap, base = kafka
+    settings = _settings(bootstrap, tmp_path)
+    world = World(n_users=60, n_items=150, seed=24)
+    events = _events(world, 7000, seed=14)
+    truth = ground_truth(events, {it.item_id: it.genres for it in world.items})
+    produce_raw(bootstrap, _catalogue(settings, world))
+    n_items = len(world.items)
+    w1 = _start_worker(settings, "worker-1")
+    w2 = None
+    reader = FeatureReader(settings)
+    feeder = _Feeder(bootstrap, _records(settings, events), chunk=20, every=0.25, held=1500)  # 80 events/s: ~70 s of flow
+
+    def ingested(w) -> float:
+        return w.metric("driftrec_events_ingested_total", {"outcome": "ok"})
+
+    try:
+        wait_until(lambda: ingested(w1) >= n_items + 600, 90, message="the first worker to be mid-stream")
+        w2 = _start_worker(settings, "worker-2")
+        wait_until(lambda: w2.metric("driftrec_feature_item_updates_total") > 0, 150, interval=1.0,
+                   message="the second worker to get partitions while events flow")
+        assert feeder.flowing, "the stream ended before the rebalance: the fault was not injected mid-stream"
+        before = ingested(w1)
+        wait_until(lambda: ingested(w1) > before, 60, interval=0.05, message="the first worker to take a new batch")
+        w1.kill()
+        assert feeder.flowing, "the stream ended before the kill: the fault was not injected mid-stream"
+        time.sleep(2.0)
+        feeder.join(120)
+        _wait_equal(reader, truth, 150, "the survivor's features to equal the ground truth", w2)
+        time.sleep(2)
+        assert not diff_features(reader, truth), "features moved after reaching the ground truth"
+    finally:
+        feeder.release()
+        w1.kill()
+        if w2 is not None:
+            w2.stop()
+        reader.close()

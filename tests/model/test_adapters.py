@@ -298,3 +298,31 @@ def test_registry_state_write_failure_is_loud_and_changes_nothing(tmp_path, monk
     monkeypatch.setattr("driftrec.model.adapters.os.replace", read_only)
     reg.mark_active("d", "v3")  # a read-only replica keeps the state in memory
     assert reg.active("d") == "v3" and reg.previous("d") == "v1"
+
+
+def test_prune_keeps_the_newest_the_active_and_every_rollback_target(base, adir):
+    model, _ = base
+    reg = AdapterRegistry(adir)
+    for n in range(1, 7):
+        make_adapter(model, adir, "movies", f"v{n}", seed=n)
+    reg.mark_active("movies", "v2")
+    reg.mark_active("movies", "v3")  # active v3, rollback target v2
+    assert reg.prune("movies", 0) == []  # 0 = keep every version
+    assert reg.prune("movies", 2) == ["v1", "v4"]  # older than the newest two (v5, v6), not protected
+    assert [e.version for e in reg.versions("movies")] == ["v2", "v3", "v5", "v6"]
+    assert sorted(p.name for p in (adir / "movies").iterdir() if p.is_dir()) == ["v2", "v3", "v5", "v6"]
+    assert reg.mark_rolled_back("movies") == "v2"  # the rollback target is still a whole checkpoint
+    verify_checkpoint(reg.path_for("movies", "v2"), adir, base_fingerprint=base_fingerprint(model.config))
+    assert reg.prune("movies", 2) == ["v3"]  # no longer active nor a rollback target
+    assert reg.prune("movies", 2) == []
+
+
+def test_rejection_messages_for_unauthenticated_readers_hold_no_host_paths(tmp_path):
+    from driftrec.model.adapters import public_message
+
+    adir = tmp_path / "adapters"
+    msg = f"manifest {adir}/movies/v1/manifest.json is too large; checkpoint /etc/secret/x.bin is outside {adir}"
+    out = public_message(msg, adir)
+    assert str(tmp_path) not in out and "/etc" not in out
+    assert out == ("manifest <adapter_dir>/movies/v1/manifest.json is too large; checkpoint <path>/x.bin is outside "
+                   "<adapter_dir>")

@@ -105,6 +105,19 @@ async def test_recommend_score_and_swap(setup):
         assert resp.status == 409  # nothing left to roll back to
         resp = await client.post("/v1/adapters/default/activate", json={"version": "v7"}, headers=ADMIN)
         assert resp.status == 404
+        adir = settings.model.adapter_dir
+        with open(adir / "default" / "v2" / "adapter_model.safetensors", "r+b") as fh:  # altered after its manifest
+            fh.seek(-1, 2)
+            last = fh.read(1)
+            fh.seek(-1, 2)
+            fh.write(bytes([last[0] ^ 0xFF]))
+        resp = await client.post("/v1/adapters/default/activate", json={"version": "v2"}, headers=ADMIN)
+        assert resp.status == 422 and (await resp.json())["reason"] == "checksum"
+        listing = await (await client.get("/v1/adapters")).json()
+        assert listing["domains"]["default"]["serving"] == "v1"  # the old one keeps serving
+        rejected = listing["rejected"][-1]
+        assert (rejected["version"], rejected["reason"]) == ("v2", "checksum")
+        assert "<adapter_dir>/default/v2" in rejected["error"] and str(adir.parent) not in json.dumps(listing)
 
         metrics_text = await (await client.get("/metrics")).text()
         assert "driftrec_scoring_latency_seconds_bucket" in metrics_text

@@ -170,3 +170,21 @@ def test_a_checkpoint_serves_its_own_text_vectors_and_re_embeds_only_changed_tex
     assert not np.allclose(vecs[changed.index["m0"]], trained[same.index["m0"]])
     others = [n for n, i in enumerate(changed.item_ids) if i != "m0"]
     assert np.array_equal(vecs[others], trained[others])
+
+
+def test_publishing_prunes_old_versions_but_never_the_active_one(tmp_path):
+    from driftrec.model.knowledge.checkpoint import prune
+
+    w = KnowledgeTrainingWorker(_settings(tmp_path).model_copy(update={"model": _settings(tmp_path).model.model_copy(
+        update={"keep_versions": 2})}), items=_items(), options=SMALL)
+    for seed in range(3):
+        assert w.run_once(_events(w.items.values(), 600, seed=seed)).outcome == "promoted"
+    root = knowledge_root(tmp_path / "adapters")
+    assert sorted(p.name for p in (root / "default").iterdir() if p.is_dir()) == ["k0002", "k0003"]
+    assert active_version(root) == "k0003"
+    (root / "default" / "ACTIVE").write_text("k0002")  # an operator went back one version
+    assert prune(root, "default", 1) == []  # older than the newest, but active: it stays
+    load_knowledge(root / "default" / "k0002", w.items)
+    (root / "default" / "ACTIVE").write_text("k0003")
+    assert prune(root, "default", 1) == ["k0002"]
+    assert not any(p.name.startswith(".pruned") for p in (root / "default").iterdir())
