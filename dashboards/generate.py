@@ -432,6 +432,20 @@ def serving() -> dict[str, Any]:
         unit="ops",
         stack=True,
     )
+    d.panel(
+        "Synchronous API: requests by status",
+        [(f"sum by (status) (rate(driftrec_api_requests_total[{W}]))", "{{status}}")],
+        unit="reqps",
+        stack=True,
+    )
+    d.panel(
+        "Synchronous API latency p50 / p99",
+        [
+            (_q(0.5, "driftrec_api_request_seconds"), "p50"),
+            (_q(0.99, "driftrec_api_request_seconds"), "p99"),
+        ],
+        unit="s",
+    )
     d.row("Adapters")
     d.panel(
         "Adapter version in service",

@@ -40,6 +40,7 @@ def child_env(settings: Settings, bootstrap: str, run_dir: Path, **extra: str) -
         DRIFTREC_MODEL__ADAPTER_DIR=str(settings.model.adapter_dir if settings.model.adapter_dir.is_absolute()
                                         else Path.cwd() / settings.model.adapter_dir),
         PYTHONUNBUFFERED="1",
+        DRIFTREC_API__PORT="0",  # several children on one host: each worker's API on a free port
     )
     if settings.security.control_key is None and "DRIFTREC_SECURITY__CONTROL_KEY" not in env:
         # this run's trainer and scorer sign and check adapter announcements with a key of their own

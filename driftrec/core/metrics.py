@@ -209,6 +209,16 @@ SCORER_CIRCUIT_OPENS = Counter(
     "driftrec_scorer_circuit_opens",
     "Times the scorer client's circuit opened (consecutive failures, a refused connection, or a failed trial).",
 )
+API_REQUESTS = Counter(
+    "driftrec_api_requests",
+    "Requests to the worker's synchronous API (GET /v1/recommendations/{user_id}), by HTTP status code.",
+    ["status"],
+)
+API_REQUEST_SECONDS = Histogram(
+    "driftrec_api_request_seconds",
+    "Time the worker's synchronous API took to answer one recommendation request (ranking included).",
+    buckets=SCORING_BUCKETS,
+)
 E2E_LATENCY_SECONDS = Histogram(
     "driftrec_event_to_recommendation_seconds",
     "Event time of the triggering event/request to the recommendation being published.",
@@ -335,6 +345,8 @@ def prime(domains=("default",), topics=()) -> None:
         FALLBACKS.labels(reason=reason)
     for outcome in ("promoted", "rejected", "failed", "skipped"):
         TRAINER_RUNS.labels(outcome=outcome)
+    for status in ("200", "400", "404", "503"):
+        API_REQUESTS.labels(status=status)
     ONLINE_HR_AT_10.labels(model="served")
     ONLINE_NDCG_AT_10.labels(model="served")
     for topic in topics:

@@ -357,6 +357,16 @@ class MetricsSettings(_Section):
                       description="address the workers' /metrics binds; 0.0.0.0 to let a Prometheus elsewhere scrape")
 
 
+class ApiSettings(_Section):
+    """The worker's synchronous API (``GET /v1/recommendations/{user_id}``, :mod:`driftrec.streams.api`)."""
+
+    enabled: bool = True
+    host: str = Field(default="127.0.0.1", description="address the worker's API binds; 0.0.0.0 for other hosts")
+    port: int = Field(default=8090, ge=0, lt=65536, description="0 = any free port (printed at start)")
+    timeout_s: float = Field(default=2.0, gt=0, le=60, description=(
+        "the most one request may spend ranking; past it the flagged fallback answers (as on the topic path)"))
+
+
 class SecuritySettings(_Section):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, hide_input_in_errors=True)  # a secret inside
     control_key: SecretStr | None = Field(
@@ -400,6 +410,7 @@ class Settings(BaseSettings):
     trainer: TrainerSettings = TrainerSettings()
     ranking: RankingSettings = RankingSettings()
     metrics: MetricsSettings = MetricsSettings()
+    api: ApiSettings = ApiSettings()
     security: SecuritySettings = SecuritySettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

@@ -66,6 +66,9 @@ class _Invalid(Exception):
         self.detail = detail
 
 
+InvalidEvent = _Invalid  # the public name of what parse_event raises (``reason``, ``detail``)
+
+
 @dataclass(frozen=True)
 class Limits:
     max_bytes: int = 64 * 1024

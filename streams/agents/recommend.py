@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from driftrec.core import metrics
 from driftrec.core.contracts import Click, Rating, Recommendation, RecommendationRequest, new_event_id
+from driftrec.streams import api
 from driftrec.streams.pipeline import Accepted, StageResult
 from driftrec.streams.rankers import build_ranker
 
@@ -68,6 +69,8 @@ def register(app: "DriftrecApp") -> None:
     settings = app.settings
     out = app.topic(settings.topics.recommendations.name, key_serializer="raw", value_serializer="raw")
     ranker = build_ranker(app)
+    app.ranker = ranker  # type: ignore[attr-defined] - for tests
+    api.register(app, ranker)  # the synchronous API ranks with the same ranker
     budget_s, limit = settings.ranking.batch_deadline_s, settings.ranking.max_concurrency
 
     async def stage(batch: Sequence[Accepted]):
