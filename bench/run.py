@@ -5,7 +5,8 @@ median over ``repeats`` runs (the raw runs are kept in the JSON). The summary ke
 refers to are always present (``null`` when not measured):
 
 ``ingest_events_per_s`` and ``freshness_p99_ms`` (each ``{"sqlite": …, "redis": …}``),
-``score_p99_ms``, ``e2e_p99_ms``, ``swap_pause_p99_ms``, ``adapter_update_s``, ``workers_speedup``.
+``score_p99_ms``, ``e2e_p99_ms``, ``swap_pause_p99_ms``, ``api_p99_ms``, ``api_rps``, ``adapter_update_s``,
+``workers_speedup``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "ingest": ("driftrec.bench.ingest", "events/s into the online store per worker, freshness p50/p99 (SQLite, Redis)"),
     "scoring": ("driftrec.bench.scoring", "LM scoring latency p50/p99 for 100 candidates; hot-swap pause p99"),
     "e2e": ("driftrec.bench.e2e", "event -> recommendation latency p50/p99 through broker, worker and scorer"),
+    "api": ("driftrec.bench.api", "the worker's synchronous API: latency p50/p99, requests/s under 8 clients + ingest"),
     "workers": ("driftrec.bench.workers", "pipeline throughput with 1 vs 2 Faust workers"),
     "adapter_update": ("driftrec.bench.adapter_update", "trigger -> new adapter serving (train, gate, publish, swap)"),
 }
@@ -88,6 +90,10 @@ def summary(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "swap_pause_p99_ms": sc.get("swap_pause_p99_ms"),
         "e2e_p50_ms": results.get("e2e", {}).get("e2e_p50_ms"),
         "e2e_p99_ms": results.get("e2e", {}).get("e2e_p99_ms"),
+        "api_p50_ms": results.get("api", {}).get("api_p50_ms"),
+        "api_p99_ms": results.get("api", {}).get("api_p99_ms"),
+        "api_rps": results.get("api", {}).get("api_rps"),
+        "api_loaded_p99_ms": results.get("api", {}).get("api_loaded_p99_ms"),
         "adapter_update_s": results.get("adapter_update", {}).get("adapter_update_s"),
         "workers_speedup": results.get("workers", {}).get("workers_speedup"),
     }
@@ -119,6 +125,9 @@ def markdown(doc: dict[str, Any]) -> str:
         ("LM scoring p50 / p99 ms (100 candidates)", f"{fmt(s['score_p50_ms'])} / {fmt(s['score_p99_ms'])}"),
         ("hot-swap pause p99 ms", fmt(s["swap_pause_p99_ms"])),
         ("event -> recommendation p50 / p99 ms", f"{fmt(s['e2e_p50_ms'])} / {fmt(s['e2e_p99_ms'])}"),
+        ("synchronous API p50 / p99 ms (sequential)", f"{fmt(s.get('api_p50_ms'))} / {fmt(s.get('api_p99_ms'))}"),
+        ("synchronous API requests/s / p99 ms (8 clients, 500 events/s ingest)",
+         f"{fmt(s.get('api_rps'))} / {fmt(s.get('api_loaded_p99_ms'))}"),
         ("trigger -> new adapter serving s", fmt(s["adapter_update_s"])),
         ("throughput 2 workers / 1 worker", fmt(s["workers_speedup"])),
     ]
