@@ -211,11 +211,13 @@ async def subscribe(
 
     With a ``group_id`` the subscription commits its position (a restarted app continues where it
     stopped); without one it reads from the end (or the beginning with ``from_beginning``).
-    ``user_id`` filters to one user's recommendations.
+    ``user_id``: one user's recommendations, read from that user's partition only (recommendations are
+    keyed by user id, so the default partitioner put them all there); with a ``group_id`` that
+    partition is assigned directly (no group rebalancing) and its position still committed.
     """
-    from aiokafka import AIOKafkaConsumer
+    from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    from driftrec.core.broker import broker, is_tansu, session_timeouts
+    from driftrec.core.broker import broker, is_tansu, session_timeouts, user_partition
     from driftrec.core.kafka_auth import client_options
 
     settings = settings or Settings.load()
@@ -223,8 +225,8 @@ async def subscribe(
         with broker(settings, start=False) as servers:
             bootstrap_servers = servers
     session, heartbeat = session_timeouts(settings)
+    name = topic or settings.topics.recommendations.name
     consumer = AIOKafkaConsumer(
-        topic or settings.topics.recommendations.name,
         bootstrap_servers=bootstrap_servers,
         **client_options(settings.kafka),
         group_id=group_id,
@@ -236,6 +238,14 @@ async def subscribe(
     )
     await consumer.start()
     try:
+        if user_id is None:
+            consumer.subscribe([name])
+        else:
+            await consumer.topics()  # metadata, for the topic's partition count
+            partitions = consumer.partitions_for_topic(name)
+            if not partitions:
+                raise LookupError(f"topic {name!r} does not exist on {bootstrap_servers}")
+            consumer.assign([TopicPartition(name, user_partition(user_id, len(partitions)))])
         async for msg in consumer:
             try:
                 rec = json.loads(msg.value)

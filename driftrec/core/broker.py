@@ -88,6 +88,14 @@ def session_timeouts(settings: Settings) -> tuple[float, float]:
     return k.session_timeout_s, k.heartbeat_interval_s
 
 
+def user_partition(user_id: str, partitions: int) -> int:
+    """The partition the default Kafka partitioner (murmur2, as Java's and aiokafka's) gives a record keyed
+    by ``user_id`` - where every topic keyed by user id holds that user's records."""
+    from aiokafka.partitioner import murmur2
+
+    return (murmur2(user_id.encode()) & 0x7FFFFFFF) % partitions
+
+
 def is_tansu(settings: Settings) -> bool:
     return settings.kafka.embedded or settings.kafka.broker_kind == "tansu"
 

@@ -32,6 +32,7 @@ import time
 from typing import TYPE_CHECKING
 
 from driftrec.core import metrics
+from driftrec.core.broker import user_partition
 from driftrec.core.contracts import Click, DeadLetter, Item, Rating, RecommendationRequest, new_event_id
 from driftrec.streams import faults
 from driftrec.streams.batching import MessageBatch, Retry, batch_agent
@@ -57,13 +58,6 @@ def topic_types(app: "DriftrecApp") -> dict[str, str]:
 
 
 MAX_KEY_BYTES = 1024
-
-
-def user_partition(user_id: str, partitions: int) -> int:
-    """The partition the default Kafka partitioner (murmur2) gives a record keyed by ``user_id``."""
-    from aiokafka.partitioner import murmur2
-
-    return (murmur2(user_id.encode()) & 0x7FFFFFFF) % partitions
 
 
 def dead_letter(rejected: Rejected, *, topic: str, raw: bytes | None, key: bytes | None,

@@ -298,7 +298,7 @@ def _produce_to(bootstrap, records):
 def test_mis_keyed_events_are_rekeyed_by_user_id(kafka, tmp_path):
     """Clicks and ratings with a wrong key on a wrong partition are produced again keyed by their user
     id on its partition; the user's state is not split: the features equal the ground truth."""
-    from driftrec.streams.agents.ingest import user_partition
+    from driftrec.core.broker import user_partition
 
     bootstrap, _ = kafka
     settings = _settings(bootstrap, tmp_path)
