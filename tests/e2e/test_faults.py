@@ -106,35 +106,55 @@ def test_an_oversized_record_makes_a_truncated_dead_letter_and_commits_go_on(kaf
         worker.stop()
 
 
-def test_broker_unreachable_for_ten_seconds(tmp_path):
-    """Cut every connection to the broker for 10 s; the worker reconnects and finishes the stream."""
+def test_broker_unreachable_for_ten_seconds_while_events_and_requests_flow(tmp_path):
+    """Cut every connection to the broker for 10 s while an app keeps producing clicks, ratings and
+    requests (its sends wait and are retried): the worker reconnects, every event is counted exactly
+    once (features equal a ground truth computed from the events) and every request is answered."""
+    from tests.e2e.test_features_e2e import _Feeder
+
     proxy_port, broker_port = free_port(), free_port()
     proxy = TcpProxy(broker_port, proxy_port)
     emb = EmbeddedBroker(port=broker_port, advertised_port=proxy_port).start()
     try:
-        settings = settings_for(emb.bootstrap_servers, tmp_path)
+        settings = _settings(emb.bootstrap_servers, tmp_path)
         asyncio.run(create_topics(f"127.0.0.1:{emb.port}", settings))
-        world = World(n_users=30, n_items=40, seed=17)
-        produce_raw(emb.bootstrap_servers, catalogue_records(settings, world))
+        world = World(n_users=30, n_items=80, seed=17)
+        events = _events(world, 3000, seed=17)
+        produce_raw(emb.bootstrap_servers, _catalogue(settings, world))
         worker = start_worker(settings)
+        reader = FeatureReader(settings)
+        requests = request_records(settings, world, 60, "flow", seed=3)
+        records = _records(settings, events)
+        mixed, pending = [], list(requests)
+        for n, r in enumerate(records):  # a request after every 50 events
+            mixed.append(r)
+            if n % 50 == 49 and pending:
+                mixed.append(pending.pop(0))
+        mixed += pending
+        feeder = _Feeder(emb.bootstrap_servers, mixed, chunk=15, every=0.25, held=0)  # ~60 records/s: ~51 s
         try:
-            first = request_records(settings, world, 30, "before")
-            produce_raw(emb.bootstrap_servers, first)
-            wait_until(lambda: worker.metric("driftrec_recommendations_published_total") >= 30, 90,
-                       message="answers before the outage")
+            wait_until(lambda: worker.metric("driftrec_events_ingested_total", {"outcome": "ok"}) > len(world.items) + 300,
+                       90, message="the worker to be mid-stream")
             proxy.down()
+            sent_before = feeder.sent
             time.sleep(10)
             assert worker.proc.poll() is None, "worker died while the broker was unreachable"
             proxy.up()
-            second = request_records(settings, world, 30, "after", seed=2)
-            produce_raw(emb.bootstrap_servers, second)
-            wait_until(lambda: worker.metric("driftrec_recommendations_published_total") >= 60, 180, interval=1.0,
-                       message="answers after the outage")
+            assert feeder.sent < len(mixed), "the stream ended during the outage: it did not flow across it"
+            feeder.join(120)
+            assert feeder.sent == len(mixed) and sent_before < len(mixed)
+            _wait_equal(reader, _truth(world, events), 150, "features after the outage to equal the ground truth",
+                        worker)
+            wait_until(lambda: worker.metric("driftrec_recommendations_published_total") >= len(requests), 120,
+                       message="every request answered")
             ids = {r["request_id"] for r in read_json_topic(emb.bootstrap_servers, settings.topics.recommendations.name,
-                                                              min_count=60)}
-            assert {f"before-{i}" for i in range(30)} | {f"after-{i}" for i in range(30)} <= ids
+                                                              min_count=len(requests))}
+            assert {f"flow-{i}" for i in range(len(requests))} <= ids
+            assert worker.metric("driftrec_events_ingested_total", {"outcome": "ok"}) >= len(events) + len(world.items)
         finally:
+            feeder.release()
             worker.stop()
+            reader.close()
     finally:
         proxy.close()
         emb.stop()
