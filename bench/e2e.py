@@ -1,8 +1,19 @@
-"""Event -> recommendation latency through the real pieces: broker, Faust worker, LM scorer.
+"""Event -> recommendation latency through the real pieces at a fixed offered load, with ingest beside it.
 
-A request's latency is ``produced_at`` of its recommendation minus the request's ``event_time``
-(stamped when it is sent), so it covers produce, consume, features read, candidate generation,
-the scorer's HTTP round trip, the correction and the publish.
+One ``driftrec worker`` on an embedded broker, the default engine (the ranking policy; ``engine="loop"``
+adds the LM scorer worker and ranks through it). A 400-item catalogue and 3,000 interactions of 200
+users are observed first. Then, open loop (requests are sent on a clock, never waiting for answers):
+
+* **at the target load**: after 10 s of ingest alone (``event_rate`` clicks/ratings/s, default 2,000: the
+  worker reaches its steady state; not measured), ``rate`` requests/s (default 50) for ``seconds`` (30)
+  while the events go on -> ``e2e_p50_ms`` / ``e2e_p95_ms`` / ``e2e_p99_ms``, the achieved
+  request rate (``e2e_achieved_rps``) and how many were answered in time;
+* **the step test**: the same at 100, 200 and 400 requests/s (10 s each) -> ``e2e_max_rps_p99_250ms``, the
+  highest offered rate whose p99 stayed within 250 ms with every request answered (0 = not even 50).
+
+A request's latency is ``produced_at`` of its recommendation minus the request's ``event_time`` (stamped
+when it is sent): produce, consume, validation, features, ranking and the publish. Requests not answered
+within 30 s of the end of a step count as missing (``e2e_missing``) and make the step fail.
 """
 
 from __future__ import annotations
@@ -13,12 +24,15 @@ import shutil
 import statistics
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 from driftrec.core.broker import broker, free_port
-from driftrec.demo import Children, _wait_http, child_env
 from driftrec.core.settings import Settings
+from driftrec.demo import Children, _wait_http, child_env
+
+P99_BUDGET_MS = 250.0
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -28,7 +42,49 @@ def pct(values: list[float], q: float) -> float | None:
     return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
 
 
-async def _measure(settings: Settings, bootstrap: str, n_requests: int, request_rate: float, event_rate: float) -> list[float]:
+def _metric(port: int, name: str, having: str = "") -> float:
+    """Sum of a metric's samples (those whose label set contains ``having``)."""
+    total = 0.0
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if (line.startswith(name + " ") or line.startswith(name + "{")) and having in line:
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def _step(p, world, events, sent: dict[str, float], got: dict[str, float], tag: str, rate: float,
+                seconds: float, event_rate: float) -> dict[str, Any]:
+    """Offer ``rate`` requests/s for ``seconds`` with ``event_rate`` events/s beside them (open loop)."""
+    ids: list[str] = []
+    t0 = time.monotonic()
+    tick = 0.02  # 50 ticks a second: requests and events spread evenly over each second
+    n = 0
+    while (elapsed := time.monotonic() - t0) < seconds:
+        due_requests = int(elapsed * rate) - len(ids)
+        for _ in range(max(due_requests, 0)):
+            t = time.time()
+            rid = f"{tag}-{len(ids)}"
+            sent[rid] = t
+            ids.append(rid)
+            await p.send_nowait({"type": "recommendation_request", "event_id": rid, "event_time": t,
+                                 "user_id": world.user_id(len(ids) % world.n_users), "k": 10})
+        due_events = int(elapsed * event_rate) - n
+        for _ in range(max(due_events, 0)):
+            await p.send_nowait(dict(next(events).to_wire(), event_time=time.time()))
+            n += 1
+        await asyncio.sleep(tick)
+    offered_s = time.monotonic() - t0
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(i not in got for i in ids):
+        await asyncio.sleep(0.1)
+    lat = [got[i] * 1000 for i in ids if i in got]
+    return {"offered_rps": rate, "achieved_rps": len(ids) / offered_s, "requests": len(ids), "answered": len(lat),
+            "missing": len(ids) - len(lat), "events_per_s": n / offered_s, "p50_ms": pct(lat, 50),
+            "p95_ms": pct(lat, 95), "p99_ms": pct(lat, 99), "mean_ms": statistics.fmean(lat) if lat else None}
+
+
+async def _measure(settings: Settings, bootstrap: str, metrics_port: int, children: Children, rate: float,
+                   seconds: float, event_rate: float, steps: tuple[float, ...]) -> dict[str, Any]:
     from driftrec.client import AsyncProducer, subscribe
     from driftrec.model.evaluation.world import World
 
@@ -41,55 +97,83 @@ async def _measure(settings: Settings, bootstrap: str, n_requests: int, request_
             rid = rec.get("request_id")
             if rid in sent and rid not in got:
                 got[rid] = rec["produced_at"] - sent[rid]
-                if len(got) >= n_requests:
-                    return
 
     task = asyncio.create_task(consume())
-    async with AsyncProducer(settings, bootstrap_servers=bootstrap) as p:
-        await p.send_many(world.items)
-        warm = [dict(ev.to_wire(), event_time=time.time()) for ev in world.events(2000)]
-        await p.send_many(warm)
-        await asyncio.sleep(20)  # let the worker join, catch up and the scorer embed the catalogue
-        events = world.events(10**9, seed=99)
-        per_request = max(int(event_rate / request_rate), 0)
-        for i in range(n_requests):
-            for _ in range(per_request):
-                await p.send_nowait(dict(next(events).to_wire(), event_time=time.time()))
-            t = time.time()
-            rid = f"bench-{i}-{t}"
-            sent[rid] = t
-            await p.send({"type": "recommendation_request", "event_id": rid, "event_time": t,
-                          "user_id": world.user_id(i % world.n_users), "k": 10})
-            await asyncio.sleep(1.0 / request_rate)
     try:
-        await asyncio.wait_for(task, timeout=60)
-    except asyncio.TimeoutError:
-        pass
-    return [v * 1000 for v in got.values()]
+        async with AsyncProducer(settings, bootstrap_servers=bootstrap) as p:
+            await p.send_many(world.items)
+            warm = [dict(ev.to_wire(), event_time=time.time()) for ev in world.events(3000)]
+            await p.send_many(warm)
+            deadline = time.monotonic() + 180
+            while _metric(metrics_port, "driftrec_events_ingested_total", 'outcome="ok"') < len(warm) + len(world.items):
+                children.check()
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the worker did not ingest the warm-up events in 180 s")
+                await asyncio.sleep(0.5)
+            # answers of a short warm-up step (the ranker's first requests) are not measured
+            events = world.events(10**9, seed=99)
+            await _step(p, world, events, sent, got, "warm", 10, 5, 0)
+            onset = await _step(p, world, events, sent, got, "onset", 0, 10, event_rate)  # ingest alone first
+            main = await _step(p, world, events, sent, got, "main", rate, seconds, event_rate)
+            stepped = []
+            for r in steps:
+                s = await _step(p, world, events, sent, got, f"step{int(r)}", r, 10, event_rate)
+                stepped.append(s)
+                if s["missing"] or s["p99_ms"] is None or s["p99_ms"] > P99_BUDGET_MS:
+                    break
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    ok = [s["offered_rps"] for s in [main, *stepped]
+          if not s["missing"] and s["p99_ms"] is not None and s["p99_ms"] <= P99_BUDGET_MS]
+    return {
+        "e2e_p50_ms": main["p50_ms"], "e2e_p95_ms": main["p95_ms"], "e2e_p99_ms": main["p99_ms"],
+        "e2e_offered_rps": rate, "e2e_achieved_rps": main["achieved_rps"], "e2e_missing": main["missing"],
+        "e2e_background_events_per_s": main["events_per_s"], "answered": main["answered"],
+        "requests": main["requests"], "e2e_max_rps_p99_250ms": max(ok, default=0.0), "steps": stepped,
+        "onset_events_per_s": onset["events_per_s"],
+    }
 
 
-def run(settings: Settings, repeats: int = 3, n_requests: int = 200, request_rate: float = 20.0,
-        event_rate: float = 500.0) -> list[dict[str, Any]]:
+def run(settings: Settings, repeats: int = 3, rate: float = 50.0, seconds: float = 30.0,
+        event_rate: float = 2000.0, steps: tuple[float, ...] = (100.0, 200.0, 400.0),
+        engine: str = "policy") -> list[dict[str, Any]]:
     runs = []
     for _ in range(repeats):
         run_dir = Path(tempfile.mkdtemp(prefix="driftrec-bench-e2e-"))
         try:
             with broker(settings) as bootstrap, Children() as children:
-                port = free_port()
-                url = f"http://127.0.0.1:{port}"
-                children.start("scorer", ["scorer", "--port", str(port)], child_env(settings, bootstrap, run_dir),
-                               run_dir / "scorer.log")
-                children.start("worker", ["worker"], child_env(settings, bootstrap, run_dir, DRIFTREC_METRICS__PORT="0",
-                                                               DRIFTREC_SCORER__URL=url), run_dir / "worker.log")
-                if not _wait_http(f"{url}/readyz", 180, children):
-                    raise RuntimeError("scorer not ready")
-                lat = asyncio.run(_measure(settings, bootstrap, n_requests, request_rate, event_rate))
-                runs.append({"e2e_p50_ms": pct(lat, 50), "e2e_p99_ms": pct(lat, 99), "answered": len(lat),
-                             "requests": n_requests, "mean_ms": statistics.fmean(lat) if lat else None})
+                metrics_port = free_port()
+                extra = {"DRIFTREC_METRICS__PORT": str(metrics_port), "DRIFTREC_RANKING__ENGINE": engine}
+                if engine == "loop":
+                    port = free_port()
+                    url = f"http://127.0.0.1:{port}"
+                    children.start("scorer", ["scorer", "--port", str(port)], child_env(settings, bootstrap, run_dir),
+                                   run_dir / "scorer.log")
+                    if not _wait_http(f"{url}/readyz", 180, children):
+                        raise RuntimeError("scorer not ready")
+                    extra["DRIFTREC_SCORER__URL"] = url
+                children.start("worker", ["worker"], child_env(settings, bootstrap, run_dir, **extra),
+                               run_dir / "worker.log")
+                if not _wait_http(f"http://127.0.0.1:{metrics_port}/metrics", 120, children):
+                    raise RuntimeError("the worker did not start")
+                out = asyncio.run(_measure(settings, bootstrap, metrics_port, children, rate, seconds, event_rate,
+                                           steps))
+                out["engine"] = engine
+                runs.append(out)
         finally:
             shutil.rmtree(run_dir, ignore_errors=True)
     return runs
 
 
 if __name__ == "__main__":
-    print(json.dumps(run(Settings.load(), repeats=1), indent=2))
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--engine", choices=("policy", "loop"), default="policy")
+    ap.add_argument("--rate", type=float, default=50.0)
+    ap.add_argument("--events", type=float, default=2000.0)
+    ap.add_argument("--seconds", type=float, default=30.0)
+    a = ap.parse_args()
+    print(json.dumps(run(Settings.load(), repeats=1, rate=a.rate, seconds=a.seconds, event_rate=a.events,
+                         engine=a.engine), indent=2, default=str))
