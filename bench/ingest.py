@@ -157,7 +157,8 @@ async def _produce(bootstrap: str, settings: Settings, events: list[dict]) -> No
     try:
         futs = []
         for ev in events:
-            topic = t.items.name if ev["type"] == "item" else t.ratings.name if ev["type"] == "rating" else t.clicks.name
+            topic = {"item": t.items.name, "rating": t.ratings.name, "click": t.clicks.name,
+                     "recommendation_request": t.requests.name}[ev["type"]]
             key = (ev["item_id"] if ev["type"] == "item" else ev["user_id"]).encode()
             futs.append(await producer.send(topic, json.dumps(ev, separators=(",", ":")).encode(), key=key))
         await asyncio.gather(*futs)

@@ -31,6 +31,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
                                   "of ingest, and the highest request rate with p99 <= 250 ms"),
     "api": ("driftrec.bench.api", "the worker's synchronous API: latency p50/p99, requests/s under 8 clients + ingest"),
     "workers": ("driftrec.bench.workers", "pipeline throughput with 1 vs 2 Faust workers"),
+    "scorer_fault": ("driftrec.bench.scorer_fault", "full-worker ingest with requests: a 5 s scorer vs one that answers at once"),
     "adapter_update": ("driftrec.bench.adapter_update", "trigger -> new adapter serving (train, gate, publish, swap)"),
 }
 
@@ -38,7 +39,7 @@ TARGETS = {
     "ingest_events_per_s.sqlite": (">=", 20_000), "ingest_events_per_s.redis": (">=", 20_000),
     "freshness_p99_ms.sqlite": ("<=", 250), "freshness_p99_ms.redis": ("<=", 250),
     "score_p99_ms": ("<=", 50), "swap_pause_p99_ms": ("<=", 30), "adapter_update_s": ("<=", 60),
-    "e2e_p99_ms": ("<=", 250), "e2e_max_rps_p99_250ms": (">=", 100),
+    "e2e_p99_ms": ("<=", 250), "e2e_max_rps_p99_250ms": (">=", 100), "slow_scorer_ingest_ratio": (">=", 0.8),
 }
 
 
@@ -98,6 +99,7 @@ def summary(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "api_p99_ms": results.get("api", {}).get("api_p99_ms"),
         "api_rps": results.get("api", {}).get("api_rps"),
         "api_loaded_p99_ms": results.get("api", {}).get("api_loaded_p99_ms"),
+        "slow_scorer_ingest_ratio": results.get("scorer_fault", {}).get("slow_scorer_ingest_ratio"),
         "adapter_update_s": results.get("adapter_update", {}).get("adapter_update_s"),
         "workers_speedup": results.get("workers", {}).get("workers_speedup"),
     }
@@ -136,6 +138,7 @@ def markdown(doc: dict[str, Any]) -> str:
          f"{fmt(s.get('api_rps'))} / {fmt(s.get('api_loaded_p99_ms'))}"),
         ("trigger -> new adapter serving s", fmt(s["adapter_update_s"])),
         ("throughput 2 workers / 1 worker", fmt(s["workers_speedup"])),
+        ("ingest with a 5 s scorer / with a prompt one (loop engine)", fmt(s.get("slow_scorer_ingest_ratio"))),
     ]
     lines = [f"Machine: {m.get('cpu', '?')}, {m.get('cpus')} cores, {m.get('mem_gb', '?')} GB, GPU: {m.get('gpu') or 'none'}; "
              f"repeats: {doc['repeats']}; {doc['elapsed_s']:.0f} s in all.", "", "| figure | value |", "|---|---|"]

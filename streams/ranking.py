@@ -135,6 +135,7 @@ class LoopRanker(Ranker):
         self.online: deque[tuple[bool, float]] = deque(maxlen=1000)
         self.errors: deque[float] = deque(maxlen=500)
         self._reader = None
+        self._reader_lock = None
         from driftrec.streams.app import follow
 
         self.follower = follow(app, InteractionFollower(s, app.bootstrap_servers))
@@ -184,11 +185,19 @@ class LoopRanker(Ranker):
         log.warning("drift in the correction error after %d updates (#%d)", event.update, event.count)
 
     # -- ranking --------------------------------------------------------------------------------
-    def reader(self):
+    async def reader(self):
+        """The feature reader, opened on first use in a thread: opening a Feast store takes a second or more,
+        which on the event loop would stall every scoring call in flight into its timeout."""
         if self._reader is None:
+            import asyncio
+
             from driftrec.feature_store.reader import FeatureReader
 
-            self._reader = FeatureReader(self.app.settings)
+            if self._reader_lock is None:
+                self._reader_lock = asyncio.Lock()
+            async with self._reader_lock:
+                if self._reader is None:
+                    self._reader = await asyncio.to_thread(FeatureReader, self.app.settings)
         return self._reader
 
     async def rank(self, req: RecommendationRequest) -> Ranked:
@@ -197,7 +206,7 @@ class LoopRanker(Ranker):
 
         user = req.user_id
         try:
-            ufeat, _ = await self.reader().get_user_and_items_async(user, [])
+            ufeat, _ = await (await self.reader()).get_user_and_items_async(user, [])
         except Exception:  # noqa: BLE001 - no features yet: the LM still ranks from an empty history
             log.exception("feature read failed for a request")
             ufeat = None
@@ -227,7 +236,7 @@ class LoopRanker(Ranker):
         if not pool:
             return self.fallback(req)
         try:
-            _, ifeat = await self.reader().get_user_and_items_async(user, pool)
+            _, ifeat = await (await self.reader()).get_user_and_items_async(user, pool)
         except Exception:  # noqa: BLE001
             ifeat = {}
         knn = dict(zip(pool, self.itemknn.score_many(user, pool))) if self.itemknn.n_items else {}

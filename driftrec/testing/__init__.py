@@ -1,1 +1,1 @@
-"""Helpers for driftrec's tests (not used at run time)."""
+"""Helpers for driftrec's tests and benchmarks (not used at run time)."""

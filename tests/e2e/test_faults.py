@@ -391,7 +391,7 @@ def test_a_slow_scorer_costs_a_batch_at_most_its_deadline_and_the_circuit_keeps_
     from collections import Counter
 
     from tests.e2e.test_streams_e2e import request_records as requests_for
-    from tests.slow_scorer import SlowScorer
+    from driftrec.testing.slow_scorer import SlowScorer
 
     bootstrap, _ = kafka
     settings = _settings(bootstrap, tmp_path)

@@ -9,7 +9,7 @@ import pytest
 
 from driftrec.core.broker import free_port
 from driftrec.streams.scorer_client import CircuitBreaker, ScorerClient, ScorerUnavailable
-from tests.slow_scorer import SlowScorer
+from driftrec.testing.slow_scorer import SlowScorer
 
 
 async def _call(client: ScorerClient) -> str:
