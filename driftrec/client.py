@@ -10,10 +10,16 @@ Async::
     async for rec in subscribe(settings):            # dicts, one per Recommendation
         print(rec["user_id"], [i["item_id"] for i in rec["items"]])
 
-Sync (scripts, notebooks)::
+Sync (scripts, notebooks, synchronous web apps; on kafka-python)::
 
     with Producer(settings) as p:
         p.click("user-1", "item-9")
+
+    for rec in subscribe_sync(settings, user_id="user-1", timeout_s=30):
+        ...
+
+This module needs only the base install (``pip install driftrec``: the contracts, validation, settings,
+aiokafka and kafka-python; no Faust, torch or Feast).
 
 Events are validated client-side with the same code the ingest agent uses, so an app learns about
 a bad event at once (``ValueError``); the agent validates again, since not every producer is ours.
@@ -25,9 +31,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
-from typing import Any, AsyncIterator, Iterable
+from typing import Any, AsyncIterator, Iterable, Iterator
 
 from driftrec.core.settings import Settings
 from driftrec.core.contracts import (
@@ -146,32 +151,34 @@ class AsyncProducer:
 
 
 class Producer:
-    """Blocking wrapper around :class:`AsyncProducer` (runs its own event loop thread)."""
+    """The blocking producer (scripts, notebooks, synchronous web apps), on kafka-python.
 
-    def __init__(self, settings: Settings | None = None, bootstrap_servers: str | None = None) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="driftrec-producer", daemon=True)
-        self._thread.start()
-        self._async = AsyncProducer(settings, bootstrap_servers)
-        try:
-            self._call(self._async.start())
-        except BaseException:
-            self._shutdown()
-            raise
+    Same events, validation, keys and delivery as :class:`AsyncProducer` (``acks=all``, no idempotent
+    producer - Tansu has none; at-least-once, every event carrying its ``event_id``): :meth:`send`
+    returns once the broker has the event; :meth:`send_many` sends them all, then waits for every
+    acknowledgement. ``timeout_s``: how long an acknowledgement may take before ``KafkaTimeoutError``."""
 
-    def _call(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+    def __init__(self, settings: Settings | None = None, bootstrap_servers: str | None = None, *,
+                 timeout_s: float = 30.0) -> None:
+        from kafka import KafkaProducer
 
-    def _shutdown(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-        self._loop.close()
+        from driftrec.core.kafka_auth import client_options
+
+        self.settings = settings or Settings.load()
+        self.timeout_s = timeout_s
+        self._producer = KafkaProducer(
+            bootstrap_servers=_bootstrap(self.settings, bootstrap_servers),
+            **client_options(self.settings.kafka),
+            acks="all",
+            enable_idempotence=False,
+            linger_ms=5,
+            client_id=f"{self.settings.kafka.client_id}-producer",
+        )
 
     def close(self) -> None:
-        try:
-            self._call(self._async.stop())
-        finally:
-            self._shutdown()
+        if self._producer is not None:
+            self._producer.close(timeout=self.timeout_s)
+            self._producer = None
 
     def __enter__(self) -> "Producer":
         return self
@@ -179,23 +186,46 @@ class Producer:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _send(self, event: Event | dict[str, Any]):
+        if self._producer is None:
+            raise RuntimeError("producer closed")
+        topic, key, value, event_id = prepare(self.settings, event)
+        return event_id, self._producer.send(topic, value=value, key=key)
+
     def send(self, event: Event | dict[str, Any]) -> str:
-        return self._call(self._async.send(event))
+        """Send one event and wait for the broker's acknowledgement; returns its event_id."""
+        event_id, fut = self._send(event)
+        fut.get(timeout=self.timeout_s)
+        return event_id
 
     def send_many(self, events: Iterable[Event | dict[str, Any]]) -> int:
-        return self._call(self._async.send_many(list(events)))
+        futures = [self._send(e)[1] for e in events]  # every event is validated before any waits
+        self._producer.flush(timeout=self.timeout_s)
+        for fut in futures:
+            fut.get(timeout=self.timeout_s)
+        return len(futures)
 
     def click(self, user_id: str, item_id: str, **kw: Any) -> str:
-        return self._call(self._async.click(user_id, item_id, **kw))
+        return self.send({"type": Click.TYPE, "user_id": user_id, "item_id": item_id, **kw})
 
     def rating(self, user_id: str, item_id: str, rating: float, **kw: Any) -> str:
-        return self._call(self._async.rating(user_id, item_id, rating, **kw))
+        return self.send({"type": Rating.TYPE, "user_id": user_id, "item_id": item_id, "rating": rating, **kw})
 
     def item(self, item_id: str, title: str, **kw: Any) -> str:
-        return self._call(self._async.item(item_id, title, **kw))
+        return self.send({"type": Item.TYPE, "item_id": item_id, "title": title, **kw})
 
     def request(self, user_id: str, k: int = 10, **kw: Any) -> str:
-        return self._call(self._async.request(user_id, k, **kw))
+        return self.send({"type": RecommendationRequest.TYPE, "user_id": user_id, "k": k, **kw})
+
+
+def _bootstrap(settings: Settings, bootstrap_servers: str | None) -> str:
+    """The configured brokers, else the running embedded broker's address (never starts one)."""
+    if bootstrap_servers is not None:
+        return bootstrap_servers
+    from driftrec.core.broker import broker
+
+    with broker(settings, start=False) as servers:
+        return servers
 
 
 async def subscribe(
@@ -255,3 +285,57 @@ async def subscribe(
                 yield rec
     finally:
         await consumer.stop()
+
+
+def subscribe_sync(
+    settings: Settings | None = None,
+    *,
+    bootstrap_servers: str | None = None,
+    topic: str | None = None,
+    group_id: str | None = None,
+    from_beginning: bool = False,
+    user_id: str | None = None,
+    timeout_s: float | None = None,
+) -> Iterator[dict[str, Any]]:
+    """The blocking flavour of :func:`subscribe`, on kafka-python: same arguments and records.
+
+    ``timeout_s``: end the iteration after this long without a record (None: wait for ever). Without a
+    ``group_id`` every partition of the topic (or the user's one) is assigned directly; with one, the
+    group coordinates the partitions and the position is committed."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    from driftrec.core.broker import is_tansu, session_timeouts, user_partition
+    from driftrec.core.kafka_auth import client_options
+
+    settings = settings or Settings.load()
+    session, heartbeat = session_timeouts(settings)
+    name = topic or settings.topics.recommendations.name
+    consumer = KafkaConsumer(
+        bootstrap_servers=_bootstrap(settings, bootstrap_servers),
+        **client_options(settings.kafka),
+        group_id=group_id,
+        auto_offset_reset="earliest" if from_beginning else "latest",
+        enable_auto_commit=group_id is not None,
+        session_timeout_ms=int(session * 1000),
+        heartbeat_interval_ms=int(heartbeat * 1000),
+        metadata_max_age_ms=5000 if is_tansu(settings) else 300000,
+        consumer_timeout_ms=float("inf") if timeout_s is None else int(timeout_s * 1000),
+    )
+    try:
+        if group_id is not None and user_id is None:
+            consumer.subscribe([name])
+        else:
+            partitions = consumer.partitions_for_topic(name)
+            if not partitions:
+                raise LookupError(f"topic {name!r} does not exist")
+            chosen = [user_partition(user_id, len(partitions))] if user_id is not None else sorted(partitions)
+            consumer.assign([TopicPartition(name, p) for p in chosen])
+        for msg in consumer:
+            try:
+                rec = json.loads(msg.value)
+            except ValueError:
+                continue
+            if user_id is None or rec.get("user_id") == user_id:
+                yield rec
+    finally:
+        consumer.close()

@@ -9,7 +9,8 @@ Every event is a JSON object on the wire (no Faust metadata, so any language can
 * ``event_time`` - when it happened, unix seconds (float).
 
 Inbound events are validated by :mod:`driftrec.core.validation` before anything acts on them; these
-classes are the typed form a validated event takes.
+classes are the typed form a validated event takes. They are ``faust.Record`` classes where Faust is
+installed (the worker) and :class:`driftrec.core.records.Record` ones in the client-only install.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ import time
 import uuid
 from typing import Any
 
-import faust
+try:
+    from faust import Record
+except ImportError:  # the client-only install (``pip install driftrec``): the same contracts on a small base
+    from driftrec.core.records import Record
 
 SCHEMA_VERSION = 1
 
@@ -27,7 +31,7 @@ def new_event_id() -> str:
     return uuid.uuid4().hex
 
 
-class Event(faust.Record, abstract=True, serializer="json", include_metadata=False):
+class Event(Record, abstract=True, serializer="json", include_metadata=False):
     """Fields every event carries."""
 
     TYPE = ""
@@ -47,7 +51,7 @@ class Event(faust.Record, abstract=True, serializer="json", include_metadata=Fal
 
 
 def _plain(value: Any) -> Any:
-    if isinstance(value, faust.Record):
+    if isinstance(value, Record):
         return _plain(value.asdict())
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
@@ -120,7 +124,7 @@ class RecommendationRequest(Event, serializer="json", include_metadata=False):
     candidates: list[str] | None = None
 
 
-class RecommendedItem(faust.Record, serializer="json", include_metadata=False):
+class RecommendedItem(Record, serializer="json", include_metadata=False):
     item_id: str
     score: float
     reason: str = ""

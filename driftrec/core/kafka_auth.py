@@ -40,7 +40,8 @@ def ssl_context(kafka: KafkaSettings) -> ssl.SSLContext | None:
 
 
 def client_options(kafka: KafkaSettings) -> dict[str, Any]:
-    """aiokafka keyword arguments for the configured security (empty for PLAINTEXT)."""
+    """aiokafka and kafka-python keyword arguments for the configured security (empty for PLAINTEXT; the
+    two libraries name these options alike)."""
     if kafka.security_protocol == "PLAINTEXT":
         return {}
     opts: dict[str, Any] = {"security_protocol": kafka.security_protocol}
