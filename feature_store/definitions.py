@@ -3,8 +3,11 @@
 Two entities (``user``, ``item``), one push source and one feature view per entity, and two feature
 services (``user_profile_v1``: the user's view; ``ranking_v1``: user + item views, what the scorer
 reads). The streaming features stage is the only writer; it writes through the online store
-directly in batches (see :mod:`driftrec.feature_store.writer`). The push sources exist so that other
-producers (a backfill, a notebook) can push rows with ``FeatureStore.push`` too.
+directly in batches (see :mod:`driftrec.feature_store.writer`) and appends the same rows to the offline
+store (:mod:`driftrec.feature_store.offline`), so ``get_historical_features`` builds point-in-time
+training sets from them. The push sources exist so that other producers (a backfill, a notebook) can
+push rows with ``FeatureStore.push`` too. The repository folder also holds ``driftrec_repo.py``, these
+objects for Feast's CLI (``feast plan``, ``feast apply``, ``feast serve`` run there as in any repo).
 
 List-valued features (the recent items, the genre profile) are stored as JSON strings: every online
 store supports strings, and a reader decodes them (:mod:`driftrec.feature_store.reader`).
@@ -59,7 +62,8 @@ VIEW_TTL = timedelta(days=365)
 
 
 def objects(repo_dir: Path) -> list:
-    """Every Feast object of the repository; ``repo_dir`` holds the (empty) offline parquet files."""
+    """Every Feast object of the repository; the views' batch sources are the offline log's folders under
+    ``repo_dir/offline``."""
     repo_dir = Path(repo_dir)
     user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.STRING,
                   description="an end user of the recommending app")
@@ -67,10 +71,12 @@ def objects(repo_dir: Path) -> list:
                   description="a catalogue item")
 
     def push_source(name: str) -> PushSource:
+        # the folder the stream's offline log appends Parquet files to (driftrec.feature_store.offline)
         batch = FileSource(
             name=f"{name}_batch",
-            path=str(repo_dir / "offline" / f"{name}.parquet"),
+            path=str(repo_dir / "offline" / name),
             timestamp_field="event_timestamp",
+            created_timestamp_column="created",
         )
         return PushSource(name=f"{name}_push", batch_source=batch)
 

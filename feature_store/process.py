@@ -37,6 +37,7 @@ import logging
 import multiprocessing
 import signal
 import threading
+from pathlib import Path
 from typing import Sequence
 
 import orjson
@@ -44,6 +45,7 @@ import orjson
 from driftrec.core.settings import Settings
 from driftrec.feature_store.backends import get_backend
 from driftrec.feature_store.codec import Row
+from driftrec.feature_store.offline import OfflineLog
 from driftrec.feature_store.repo import open_store
 from driftrec.feature_store.writer import FeatureWriter, WriteFailed
 
@@ -69,12 +71,20 @@ def _serve(conn, settings_json: str, store: str) -> None:  # pragma: no cover - 
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
         conn.send_bytes(f"could not open the {store} online store: {exc!r}".encode())
         return
+    f = settings.feast
+    offline = (OfflineLog(Path(f.repo_dir).resolve(), flush_s=f.offline_flush_s, flush_rows=f.offline_flush_rows)
+               if f.offline_log else None)
     gc.collect()
     gc.freeze()  # what Feast's import built stays out of the collector's walks (see driftrec.streams.app)
     conn.send_bytes(b"")
     try:
         while True:
             try:
+                # idle: wake up when the offline buffer is due (written rows reach the offline store in time)
+                due = offline.due_in() if offline is not None else None
+                if due is not None and not conn.poll(due):
+                    _flush_offline(offline)
+                    continue
                 message = conn.recv_bytes()
             except EOFError:
                 return
@@ -84,8 +94,21 @@ def _serve(conn, settings_json: str, store: str) -> None:  # pragma: no cover - 
                 conn.send_bytes(b"")
             except Exception as exc:  # noqa: BLE001 - the parent retries
                 conn.send_bytes((repr(exc)[:2000] or "write failed").encode())
+                continue
+            if offline is not None:
+                offline.add(users, items)  # after the answer: the online write's latency does not include it
     finally:
+        if offline is not None:
+            _flush_offline(offline)
         rows.close()
+
+
+def _flush_offline(offline: "OfflineLog") -> None:  # pragma: no cover - runs in the child
+    try:
+        offline.flush()
+    except Exception:  # noqa: BLE001 - the online write stands; the rows stay buffered for the next try
+        logging.getLogger(__name__).exception("appending feature rows to the offline store failed")
+        offline.retry_later()
 
 
 def _context():

@@ -204,6 +204,12 @@ class FeastSettings(_Section):
     write_retries: int = Field(default=10, ge=0, le=1000, description=(
         "retries of a failed online-store write (pauses 0.1, 0.5, 1, 2, then 5 s) before the worker "
         "stops with an error (its supervisor restarts it; uncommitted events are replayed)"))
+    offline_log: bool = Field(default=True, description=(
+        "append every row written online to the feature views' offline Parquet files (Feast's file offline "
+        "store: get_historical_features, materialize)"))
+    offline_flush_s: float = Field(default=10.0, gt=0, le=3600, description=(
+        "longest a written row waits in the writer's buffer before it is appended to the offline store"))
+    offline_flush_rows: int = Field(default=50_000, ge=1, description="append once this many rows are buffered")
 
     @field_validator("project")
     @classmethod

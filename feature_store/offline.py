@@ -1,0 +1,131 @@
+"""The offline log: every feature row the stream writes online, appended to Feast's offline store.
+
+The online store holds each entity's newest row; training sets need the rows *as of* past times
+(point-in-time joins). The writer process (:mod:`driftrec.feature_store.process`) hands every batch it
+wrote online to an :class:`OfflineLog`, which buffers the rows and appends them as Parquet files to
+the feature views' file sources - ``<repo_dir>/offline/<view>/part-<ns>-<pid>.parquet``, the directory
+each view's ``FileSource`` points at (:mod:`driftrec.feature_store.definitions`) - so Feast's
+``get_historical_features`` and ``feast materialize`` read what the stream wrote.
+
+A file is written when ``feast.offline_flush_rows`` rows are buffered, when ``feast.offline_flush_s``
+passed since the first buffered row (checked at every write and while the writer idles), and when the
+writer stops. Files are written under a dot-name and renamed into place, so a reader never sees half
+of one. Columns: the join key, every feature of the view (lists as the JSON strings the online store
+holds), ``event_timestamp`` (the row's event time, UTC) and ``created`` (when it was written).
+
+The online write happens first and does not wait for this one; rows still buffered when the writer
+process is killed (a write past its deadline) are not in the offline log - they are online, and the
+next write of the same entities carries their newer values.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+from driftrec.feature_store.codec import ITEM_CODEC, USER_CODEC, Row, RowCodec
+
+log = logging.getLogger(__name__)
+
+__all__ = ["OfflineLog", "view_dir"]
+
+
+def view_dir(repo_dir: Path, view: str) -> Path:
+    """The folder of ``view``'s offline Parquet files (its ``FileSource`` path)."""
+    return Path(repo_dir) / "offline" / view
+
+
+class OfflineLog:
+    """Buffers written rows per feature view and appends them as Parquet files (see the module docstring)."""
+
+    def __init__(self, repo_dir: Path, *, flush_s: float = 10.0, flush_rows: int = 50_000) -> None:
+        self.repo_dir = Path(repo_dir)
+        self.flush_s = flush_s
+        self.flush_rows = flush_rows
+        self._buffers: dict[str, tuple[RowCodec, list[Row]]] = {c.view: (c, []) for c in (USER_CODEC, ITEM_CODEC)}
+        self._first: float | None = None  # monotonic time of the oldest buffered row
+        self._created: float | None = None
+        self.files_written = 0
+        self.rows_written = 0
+
+    @property
+    def buffered(self) -> int:
+        return sum(len(rows) for _, rows in self._buffers.values())
+
+    def add(self, user_rows: Sequence[Row], item_rows: Sequence[Row]) -> None:
+        """Buffer one written batch (call after the online write succeeded)."""
+        if not user_rows and not item_rows:
+            return
+        self._buffers[USER_CODEC.view][1].extend(user_rows)
+        self._buffers[ITEM_CODEC.view][1].extend(item_rows)
+        if self._first is None:
+            self._first = time.monotonic()
+        self.maybe_flush()
+
+    def due_in(self) -> float | None:
+        """Seconds until the buffer is due (0 = now); None when it is empty."""
+        if self._first is None:
+            return None
+        return max(0.0, self._first + self.flush_s - time.monotonic())
+
+    def maybe_flush(self) -> int:
+        if self._first is not None and (self.buffered >= self.flush_rows or self.due_in() == 0):
+            return self.flush()
+        return 0
+
+    def flush(self) -> int:
+        """Write every buffered row; returns how many."""
+        import pandas as pd
+
+        written = 0
+        created = pd.Timestamp.now(tz="UTC")
+        for view, (codec, rows) in self._buffers.items():
+            if not rows:
+                continue
+            frame = self._frame(codec, rows, created)
+            folder = view_dir(self.repo_dir, view)
+            folder.mkdir(parents=True, exist_ok=True)
+            name = f"part-{time.time_ns()}-{os.getpid()}.parquet"
+            tmp = folder / f".{name}.tmp"
+            frame.to_parquet(tmp, index=False)
+            tmp.replace(folder / name)
+            written += len(rows)
+            self.files_written += 1
+            rows.clear()
+        self._first = None
+        self.rows_written += written
+        return written
+
+    def retry_later(self) -> None:
+        """After a failed flush: try again in ``flush_s``; past ten times ``flush_rows`` buffered rows the
+        buffer is dropped (memory stays bounded while the offline store cannot be written)."""
+        if self.buffered > 10 * self.flush_rows:
+            log.error("dropping %d feature rows the offline store could not take", self.buffered)
+            for _, rows in self._buffers.values():
+                rows.clear()
+            self._first = None
+        else:
+            self._first = time.monotonic()
+
+    @staticmethod
+    def _frame(codec: RowCodec, rows: Sequence[Row], created):
+        import pandas as pd
+
+        data: dict[str, list] = {codec.join_key: [str(r[codec.join_key]) for r in rows]}
+        for name, kind in codec.features:
+            values = [r[name] for r in rows]
+            if kind == "String":
+                data[name] = [v if isinstance(v, str) else str(v) for v in values]
+            elif kind == "Int64":
+                data[name] = [int(v) for v in values]
+            else:
+                data[name] = [float(v) for v in values]
+        frame = pd.DataFrame(data)
+        for name, kind in codec.features:
+            frame[name] = frame[name].astype({"String": "string", "Int64": "int64", "Float64": "float64"}[kind])
+        frame["event_timestamp"] = pd.to_datetime([float(r["last_event_time"]) for r in rows], unit="s", utc=True)
+        frame["created"] = created
+        return frame
