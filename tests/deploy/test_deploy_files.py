@@ -46,7 +46,7 @@ def _interpolate(value: str) -> str:
 
 
 def _torch_pin() -> str:
-    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["worker"]
     [pin] = [d for d in deps if d.replace(" ", "").startswith("torch==")]
     return pin.split("==", 1)[1].strip()
 
@@ -253,6 +253,7 @@ def test_dockerfiles():
                 if not s.endswith("*"):
                     assert (REPO / s.rstrip("/")).exists(), f"COPY {s}: missing in the build context"
         assert "USER driftrec" in text
+        assert 'pip install ".[worker,scorer]"' in text  # the base install is only the app client
     for ignore in ("Dockerfile.dockerignore", "Dockerfile.gpu.dockerignore"):
         assert (DOCKER / ignore).is_file()
 
