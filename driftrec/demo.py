@@ -248,12 +248,23 @@ class OnlineComparison:
                 "users": len(firsts), "distinct_first": len(set(firsts.values())), "models": models}
 
 
+def _served_version(rec: dict) -> str:
+    """What ranked a recommendation: the knowledge model's version under the ranking policy
+    (``collaborative`` before the first one), the LoRA adapter's under the LM-scorer loop."""
+    adapter = rec.get("adapter_version") or ""
+    model = rec.get("model_version") or ""
+    return f"adapter {adapter}" if adapter else f"model {model}" if model else ""
+
+
 def summary_lines(stats: dict) -> list[str]:
     online = stats.get("online")
     if online is None:
         return []
     r = online.result()
     lines = []
+    versions = stats.get("versions") or []
+    if versions:
+        lines.append(f"served in turn: {' -> '.join(versions)} ({len(versions) - 1} hot-swap(s) seen in the answers)")
     if r["users"]:
         lines.append(f"personalisation: {r['distinct_first']} different first items across the last lists of "
                      f"{r['users']} users (models served: {', '.join(r['models']) or 'none'})")
@@ -289,9 +300,15 @@ async def _drive(settings, bootstrap, world, titles, events, request_every, rate
                 online.served(rec)
                 stats["answered"] += 1
                 stats["fallback"] += bool(rec.get("fallback"))
+                version = _served_version(rec)
+                if version and not rec.get("fallback") and version != stats.get("serving"):
+                    if stats.get("serving"):
+                        say(f"hot-swap: the worker now serves {version} (was {stats['serving']})")
+                    stats["serving"] = version
+                    stats.setdefault("versions", []).append(version)
                 if not quiet:
                     picks = ", ".join(titles.get(i["item_id"], i["item_id"]) for i in rec["items"][:3])
-                    tag = "fallback" if rec.get("fallback") else f"adapter {rec.get('adapter_version') or 'base'}"
+                    tag = "fallback" if rec.get("fallback") else version or "base"
                     say(f"{rec['user_id']:>6} <- {picks}  [{tag}]")
                 if done_producing.is_set() and not pending:
                     return
