@@ -434,3 +434,67 @@ def test_a_slow_scorer_costs_a_batch_at_most_its_deadline_and_the_circuit_keeps_
         finally:
             worker.stop()
             reader.close()
+
+
+# --- fault 7: forged control messages on the adapters topic ----------------------------------------
+
+
+def test_forged_activate_and_rollback_messages_on_the_adapters_topic_are_ignored_and_counted(kafka, tmp_path):
+    """A running scorer with a control key serving the newest of two adapters; announcements produced to
+    the real ``driftrec.adapters`` topic: an unsigned activate, one signed with another key and a signed
+    one altered into a rollback change nothing and are counted by reason; the properly signed rollback
+    that follows is acted on, and its replay is counted and ignored."""
+    import urllib.request
+
+    from driftrec.core.contracts import AdapterAnnouncement
+    from driftrec.core.signing import signed
+    from tests.scorer_support import base_model_and_tokenizer, make_adapter
+    from tests.support import metric_value, scrape
+
+    bootstrap, _ = kafka
+    key = "control-key-for-the-fault-test-" + "k" * 40
+    adapters = tmp_path / "adapters"
+    settings = settings_for(bootstrap, tmp_path, model={"adapter_dir": str(adapters), "device": "cpu", "dtype": "float32"})
+    model, _ = base_model_and_tokenizer()
+    k1, _ = make_adapter(model, adapters, "default", "k1", seed=3)
+    k2, _ = make_adapter(model, adapters, "default", "k2", seed=4)
+    port = free_port()
+    scorer = Proc(["scorer", "--port", str(port)], env_for(settings, DRIFTREC_SECURITY__CONTROL_KEY=key), name="scorer")
+    topic = settings.topics.adapters.name
+
+    def serving():
+        return json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/adapters", timeout=5).read())[
+            "domains"]["default"]["serving"]
+
+    def rejected(reason):
+        return metric_value(scrape(port), "driftrec_control_messages_rejected_total", {"reason": reason})
+
+    def send(*messages):
+        produce_raw(bootstrap, [(topic, b"default", json.dumps(m).encode()) for m in messages])
+
+    try:
+        try:
+            wait_until(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2).status == 200, 180,
+                       interval=1.0, message="scorer ready")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{scorer.output()[-3000:]}") from None
+        assert serving() == "k2"
+        now = time.time()
+        activate_k1 = AdapterAnnouncement(event_id="a1", event_time=now, domain="default", version="k1",
+                                          path=str(k1)).to_wire()
+        rollback_k1 = signed({**activate_k1, "event_id": "r1", "action": "rollback"}, key.encode())
+        send({**activate_k1, "event_id": "unsigned-1"},  # no signature
+             signed({**activate_k1, "event_id": "other-key-1"}, b"x" * 64),  # signed with another key
+             {**signed({**activate_k1, "event_id": "altered-1", "version": "k2", "path": str(k2)}, key.encode()),
+              "action": "rollback", "version": "k1", "path": str(k1)})  # fields changed after signing
+        wait_until(lambda: rejected("unsigned") >= 1 and rejected("bad_signature") >= 2, 60,
+                   message="the forged messages to be counted")
+        assert serving() == "k2"  # none of them acted on
+
+        send(rollback_k1)
+        wait_until(lambda: serving() == "k1", 60, message="the signed rollback to be acted on")
+        send(rollback_k1)  # replayed
+        wait_until(lambda: rejected("replayed") >= 1, 60, message="the replayed message to be counted")
+        assert serving() == "k1"
+    finally:
+        scorer.stop()
