@@ -6,7 +6,7 @@ refers to are always present (``null`` when not measured):
 
 ``ingest_events_per_s`` and ``freshness_p99_ms`` (each ``{"sqlite": …, "redis": …}``),
 ``score_p99_ms``, ``e2e_p99_ms``, ``e2e_max_rps_p99_250ms``, ``swap_pause_p99_ms``, ``api_p99_ms``, ``api_rps``, ``adapter_update_s``,
-``workers_speedup``.
+``workers_speedup``, ``scale_rank_p99_ms_100k``, ``scale_rss_mb_1m_users``.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "workers": ("driftrec.bench.workers", "pipeline throughput with 1 vs 2 Faust workers"),
     "scorer_fault": ("driftrec.bench.scorer_fault", "full-worker ingest with requests: a 5 s scorer vs one that answers at once"),
     "adapter_update": ("driftrec.bench.adapter_update", "trigger -> new adapter serving (train, gate, publish, swap)"),
+    "scale": ("driftrec.bench.scale", "the ranking policy's recommend p50/p99 and RSS vs catalogue size (2k-100k items), "
+                                      "state ingest rate, RSS and bytes per user vs users (10k-1M)"),
 }
 
 TARGETS = {
@@ -40,6 +42,7 @@ TARGETS = {
     "freshness_p99_ms.sqlite": ("<=", 250), "freshness_p99_ms.redis": ("<=", 250),
     "score_p99_ms": ("<=", 50), "swap_pause_p99_ms": ("<=", 30), "adapter_update_s": ("<=", 60),
     "e2e_p99_ms": ("<=", 250), "e2e_max_rps_p99_250ms": (">=", 100), "slow_scorer_ingest_ratio": (">=", 0.8),
+    "scale_rank_p99_ms_100k": ("<=", 100),
 }
 
 
@@ -81,6 +84,12 @@ def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _scale(results: dict[str, dict[str, Any]], part: str, size: int, key: str) -> Any:
+    """One figure of the scale benchmark: ``results["scale"][part][str(size)][key]`` (None when absent)."""
+    block = results.get("scale", {}).get(part, {}).get(str(size))
+    return block.get(key) if isinstance(block, dict) else None
+
+
 def summary(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     ing = results.get("ingest", {})
     sc = results.get("scoring", {})
@@ -102,6 +111,9 @@ def summary(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "slow_scorer_ingest_ratio": results.get("scorer_fault", {}).get("slow_scorer_ingest_ratio"),
         "adapter_update_s": results.get("adapter_update", {}).get("adapter_update_s"),
         "workers_speedup": results.get("workers", {}).get("workers_speedup"),
+        "scale_rank_p99_ms_100k": _scale(results, "catalogue", 100_000, "rank_p99_ms"),
+        "scale_rank_p99_ms_100k_no_knn": _scale(results, "catalogue", 100_000, "rank_p99_ms_no_knn"),
+        "scale_rss_mb_1m_users": _scale(results, "users", 1_000_000, "rss_mb"),
     }
 
 
@@ -140,6 +152,21 @@ def markdown(doc: dict[str, Any]) -> str:
         ("throughput 2 workers / 1 worker", fmt(s["workers_speedup"])),
         ("ingest with a 5 s scorer / with a prompt one (loop engine)", fmt(s.get("slow_scorer_ingest_ratio"))),
     ]
+    res = doc.get("results", {})
+    if "scale" in res:
+        cats, users = (2_000, 20_000, 100_000), (10_000, 100_000, 1_000_000)
+        cat = lambda key: " / ".join(fmt(_scale(res, "catalogue", n, key)) for n in cats)  # noqa: E731
+        usr = lambda key: " / ".join(fmt(_scale(res, "users", n, key)) for n in users)  # noqa: E731
+        rows += [
+            ("policy recommend p50 ms at 2k / 20k / 100k items (5k warm users, 1 thread)", cat("rank_p50_ms")),
+            ("policy recommend p99 ms at 2k / 20k / 100k items", cat("rank_p99_ms")),
+            ("the same p99 with the item-kNN scores zeroed", cat("rank_p99_ms_no_knn")),
+            ("policy process RSS MB at 2k / 20k / 100k items", cat("rss_mb")),
+            ("policy state events/s at 10k / 100k / 1M users (2,000 items)", usr("state_events_per_s")),
+            ("policy process RSS MB at 10k / 100k / 1M users", usr("rss_mb")),
+            ("RSS bytes per user at 10k / 100k / 1M users", usr("bytes_per_user")),
+            ("policy recommend p99 ms at 10k / 100k / 1M users", usr("rank_p99_ms")),
+        ]
     lines = [f"Machine: {m.get('cpu', '?')}, {m.get('cpus')} cores, {m.get('mem_gb', '?')} GB, GPU: {m.get('gpu') or 'none'}; "
              f"repeats: {doc['repeats']}; {doc['elapsed_s']:.0f} s in all.", "", "| figure | value |", "|---|---|"]
     lines += [f"| {a} | {b} |" for a, b in rows]

@@ -412,7 +412,12 @@ class RankingPolicy:
             idx = np.arange(n_all) if cols is None else np.asarray(cols, dtype=np.int64)
             if self._text_on:
                 hist = self.hist.get(user)
-                col = (self.lm_nb.vectors[idx] @ self.lm_nb.user_vector(user)) if hist else np.zeros(len(idx))
+                if not hist:
+                    col = np.zeros(len(idx))
+                elif cols is None:  # every item: no copy of the (items x 384) text matrix
+                    col = self.lm_nb.vectors[:n_all] @ self.lm_nb.user_vector(user)
+                else:
+                    col = self.lm_nb.vectors[idx] @ self.lm_nb.user_vector(user)
                 parts.append(col[:, None])
             km_all = self.model_scores(user) if km is None else km
             order = np.argsort(-km_all, kind="stable")
@@ -432,7 +437,13 @@ class RankingPolicy:
     def top(self, scores: np.ndarray, allowed: np.ndarray, k: int) -> np.ndarray:
         """The ``k`` best allowed items, best first; ties broken by catalogue order (deterministic)."""
         masked = np.where(allowed, scores, -np.inf)
-        order = np.lexsort((np.arange(len(masked)), -masked))[:k]
+        n = len(masked)
+        cand = np.arange(n)
+        if 0 < k < n:  # only the items tied with or above the k-th best need sorting
+            kth = np.partition(masked, n - k)[n - k]
+            if not np.isnan(kth):
+                cand = np.flatnonzero(masked >= kth)
+        order = cand[np.lexsort((cand, -masked[cand]))][:k]
         return order[np.isfinite(masked[order])]
 
     def recommend(self, user: str, k: int, ts: float, *, exclude_seen: bool = True,
