@@ -22,9 +22,11 @@ Baselines (popularity, decayed popularity, item-kNN) are evaluated in the same r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
+import os
 import random
 import sys
 import time
@@ -76,11 +78,14 @@ class EvalConfig:
     knn_pair_decay: float = 0.9
     knn_max_history: int = 60
     threads: int = 1  # torch CPU threads; one is fastest for the per-event one-user forwards (0 = torch default)
+    fit_threads: int = 0  # torch CPU threads while the sequence models train (0 = every core of the machine)
     ablate: tuple[str, ...] = ("lm", "kg")  # the full system without each of these, on the same points
     baselines: tuple[str, ...] = ("sasrec", "lm_only")  # besides popularity, decayed popularity, item-kNN
 
     def __post_init__(self) -> None:
         self.ablate, self.baselines = tuple(self.ablate), tuple(self.baselines)
+        if self.threads < 0 or self.fit_threads < 0:
+            raise ValueError("threads and fit_threads must be >= 0 (0 = torch default / every core)")
         bad = set(self.ablate) - set(ABLATIONS)
         if bad:
             raise ValueError(f"unknown ablation(s) {sorted(bad)} (choose from {', '.join(ABLATIONS)})")
@@ -370,12 +375,13 @@ class _Replay:
         if self.last_fit is None or p - self.last_fit >= self.cfg.lm_update_every:
             initial = self.last_fit is None
             histories = list(self.policy.histories())
-            for name, arm in self.arms.items():
-                t0 = time.perf_counter()
-                stats = arm.refit(histories, initial=initial)
-                if stats is not None:
-                    self.fits.append({"arm": name, "position": p, "initial": initial, **stats})
-                self.seconds[name] += time.perf_counter() - t0
+            with _torch_threads(self.cfg.fit_threads or os.cpu_count() or 1):
+                for name, arm in self.arms.items():
+                    t0 = time.perf_counter()
+                    stats = arm.refit(histories, initial=initial)
+                    if stats is not None:
+                        self.fits.append({"arm": name, "position": p, "initial": initial, **stats})
+                    self.seconds[name] += time.perf_counter() - t0
             self.last_fit = p
 
     # ----------------------------------------------------------------------------- test step
@@ -432,6 +438,20 @@ class _Replay:
             t0 = time.perf_counter()
             arm.observe(e.user, e.item, e.rating, e.timestamp, scores.get(name))
             self.seconds[name] += time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    """Run the block with ``n`` torch CPU threads (training batches parallelise well; the per-event
+    one-user forwards of the test step do not, so the replay goes back to ``cfg.threads`` after)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _metrics(hr: Sequence[float], ndcg: Sequence[float], mask: np.ndarray | None, k: int) -> dict:
@@ -646,6 +666,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: the per-event one-user forwards took 2.3 ms on two threads "
                         "of a busy 2-core machine vs 0.5 ms on one; about equal when idle; 0 = torch default)")
+    p.add_argument("--fit-threads", type=int, default=0,
+                   help="torch CPU threads while the sequence models train (default 0: every core)")
     p.add_argument("--cold-threshold", type=int, default=EvalConfig.cold_threshold,
                    help="an evaluated item is cold when it had fewer positives before the event (default 5)")
     p.add_argument("--kg", help="knowledge graph: a folder with *.kg [+ *.link] (RecBole atomic or plain TSV) "
@@ -720,6 +742,7 @@ def _config(args) -> EvalConfig:
         baselines=tuple(b for b in args.baselines.split(",") if b),
         half_life_s=args.half_life_days * 86400.0,
         threads=args.threads,
+        fit_threads=args.fit_threads,
         cold_threshold=args.cold_threshold,
         kg=args.kg,
         kg_link=args.kg_link,
