@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 _TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
 MIN_SECRET_LEN = 16  # admin token; the control key needs twice as much
@@ -455,19 +455,17 @@ import contextvars  # noqa: E402
 _yaml_path_override: contextvars.ContextVar[Path | None] = contextvars.ContextVar("_yaml_path", default=None)
 
 
-class _YamlSource(PydanticBaseSettingsSource):
-    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
-        return None, field_name, False
+class _YamlSource(YamlConfigSettingsSource):
+    """pydantic-settings' YAML source on the file ``Settings.load(config=...)`` or ``$DRIFTREC_CONFIG`` names
+    (none: no file); a named file that is missing, or whose top level is not a mapping, is an error."""
 
-    def __call__(self) -> dict[str, Any]:
+    def __init__(self, settings_cls: type[BaseSettings]) -> None:
         path = _yaml_path_override.get()
         if path is None and os.environ.get("DRIFTREC_CONFIG"):
             path = Path(os.environ["DRIFTREC_CONFIG"])
-        if path is None:
-            return {}
-        if not path.is_file():
-            raise ValueError(f"config file {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"config file {path} must hold a mapping at the top level")
-        return data
+        if path is not None:
+            if not path.is_file():
+                raise ValueError(f"config file {path} does not exist")
+            if not isinstance(yaml.safe_load(path.read_text()) or {}, dict):
+                raise ValueError(f"config file {path} must hold a mapping at the top level")
+        super().__init__(settings_cls, yaml_file=path if path is not None else [])

@@ -54,6 +54,18 @@ def test_missing_config_file_is_an_error(tmp_path):
         Settings.load(config=tmp_path / "nope.yaml")
 
 
+def test_a_config_file_that_is_not_a_mapping_or_names_an_unknown_setting_is_an_error(tmp_path, monkeypatch):
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- scorer\n- port\n")
+    with pytest.raises(ValueError, match="mapping"):
+        Settings.load(config=listed)
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("scorer:\n  prot: 9999\n")
+    monkeypatch.setenv("DRIFTREC_CONFIG", str(typo))  # the environment names the file too
+    with pytest.raises(ValidationError, match="prot"):
+        Settings.load()
+
+
 def test_secrets_are_hidden_and_long_enough():
     s = Settings(scorer={"admin_token": "a-long-enough-token"}, security={"control_key": "k" * 32})
     assert "a-long-enough-token" not in repr(s) and "a-long-enough-token" not in s.model_dump_json()
