@@ -383,3 +383,15 @@ def test_amtool_check_config():
     result = subprocess.run(["amtool", "check-config", str(ALERTMANAGER_CONFIG)], capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_docker_compose_validates_the_compose_file():
+    """``docker compose config`` (Compose's own schema and interpolation check), where Compose is installed."""
+    docker = shutil.which("docker")
+    if docker is None or subprocess.run([docker, "compose", "version"], capture_output=True).returncode != 0:
+        pytest.skip("docker compose is not installed on this machine (the compose checks above parse it with PyYAML)")
+    env = {**os.environ, "GRAFANA_ADMIN_PASSWORD": "test-" + "0" * 32, "DRIFTREC_CONTROL_KEY": "test-" + "0" * 64,
+           "DRIFTREC_SCORER_ADMIN_TOKEN": "test-" + "0" * 32}
+    done = subprocess.run([docker, "compose", "-f", str(COMPOSE), "config", "--quiet"], capture_output=True, text=True,
+                          env=env, cwd=DOCKER)
+    assert done.returncode == 0, done.stderr
