@@ -30,15 +30,24 @@ _RUN_CONTROL_KEY = secrets.token_hex(32)
 
 
 def child_env(settings: Settings, bootstrap: str, run_dir: Path, **extra: str) -> dict[str, str]:
-    """Environment for a child process that should share this run's broker and stores."""
+    """Environment for a child process that should share this run's broker and stores.
+
+    Checkpoints (LoRA adapters, knowledge models) stay in the run's folder unless an adapter folder is
+    configured (``model.adapter_dir`` in the settings file or ``DRIFTREC_MODEL__ADAPTER_DIR``): a demo or
+    a benchmark must neither serve a model an earlier run left in ``.driftrec/adapters`` nor leave one
+    there for the next ``driftrec worker``."""
+    from driftrec.core.settings import ModelSettings
+
     env = dict(os.environ)
+    adapters = settings.model.adapter_dir
+    configured = "DRIFTREC_MODEL__ADAPTER_DIR" in os.environ or adapters != ModelSettings().adapter_dir
     env.update(
         DRIFTREC_KAFKA__BOOTSTRAP_SERVERS=bootstrap,
         DRIFTREC_KAFKA__BROKER_KIND="tansu" if settings.kafka.embedded else settings.kafka.broker_kind,
         DRIFTREC_STREAM__DATA_DIR=str(run_dir / "streams"),
         DRIFTREC_FEAST__REPO_DIR=str(run_dir / "feast"),
-        DRIFTREC_MODEL__ADAPTER_DIR=str(settings.model.adapter_dir if settings.model.adapter_dir.is_absolute()
-                                        else Path.cwd() / settings.model.adapter_dir),
+        DRIFTREC_MODEL__ADAPTER_DIR=str((adapters if adapters.is_absolute() else Path.cwd() / adapters)
+                                        if configured else run_dir / "adapters"),
         PYTHONUNBUFFERED="1",
         DRIFTREC_API__PORT="0",  # several children on one host: each worker's API on a free port
     )
