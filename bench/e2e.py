@@ -2,7 +2,10 @@
 
 One ``driftrec worker`` on an embedded broker, the default engine (the ranking policy; ``engine="loop"``
 adds the LM scorer worker and ranks through it). A 400-item catalogue and 3,000 interactions of 200
-users are observed first. Then, open loop (requests are sent on a clock, never waiting for answers):
+users are on the topics first; with the policy engine ``driftrec train --once`` then trains the knowledge
+model on them and publishes it into the run's adapter folder, so the worker serves what a deployment
+serves (``model=False`` / ``--no-model``: no knowledge model, the collaborative features only). The
+worker observes the warm-up. Then, open loop (requests are sent on a clock, never waiting for answers):
 
 * **at the target load**: after 10 s of ingest alone (``event_rate`` clicks/ratings/s, default 2,000: the
   worker reaches its steady state; not measured), ``rate`` requests/s (default 50) for ``seconds`` (30)
@@ -86,9 +89,8 @@ async def _step(p, world, events, sent: dict[str, float], got: dict[str, float],
 async def _measure(settings: Settings, bootstrap: str, metrics_port: int, children: Children, rate: float,
                    seconds: float, event_rate: float, steps: tuple[float, ...]) -> dict[str, Any]:
     from driftrec.client import AsyncProducer, subscribe
-    from driftrec.model.evaluation.world import World
 
-    world = World(n_users=200, n_items=400, seed=11)
+    world = _world()
     sent: dict[str, float] = {}
     got: dict[str, float] = {}
 
@@ -101,11 +103,8 @@ async def _measure(settings: Settings, bootstrap: str, metrics_port: int, childr
     task = asyncio.create_task(consume())
     try:
         async with AsyncProducer(settings, bootstrap_servers=bootstrap) as p:
-            await p.send_many(world.items)
-            warm = [dict(ev.to_wire(), event_time=time.time()) for ev in world.events(3000)]
-            await p.send_many(warm)
             deadline = time.monotonic() + 180
-            while _metric(metrics_port, "driftrec_events_ingested_total", 'outcome="ok"') < len(warm) + len(world.items):
+            while _metric(metrics_port, "driftrec_events_ingested_total", 'outcome="ok"') < WARM_EVENTS + len(world.items):
                 children.check()
                 if time.monotonic() > deadline:
                     raise RuntimeError("the worker did not ingest the warm-up events in 180 s")
@@ -135,14 +134,51 @@ async def _measure(settings: Settings, bootstrap: str, metrics_port: int, childr
     }
 
 
+WARM_EVENTS = 3000
+
+
+def _world():
+    from driftrec.model.evaluation.world import World
+
+    return World(n_users=200, n_items=400, seed=11)
+
+
+async def _prewarm(settings: Settings, bootstrap: str) -> None:
+    """The catalogue and the warm-up interactions, on the topics before the trainer and the worker start."""
+    from driftrec.client import AsyncProducer
+
+    world = _world()
+    async with AsyncProducer(settings, bootstrap_servers=bootstrap) as p:
+        await p.send_many(world.items)
+        await p.send_many([dict(ev.to_wire(), event_time=time.time()) for ev in world.events(WARM_EVENTS)])
+
+
+def _train_once(settings: Settings, bootstrap: str, run_dir: Path) -> dict[str, Any]:
+    """``driftrec train --once`` on the warm-up interactions: the knowledge model the worker then serves."""
+    import subprocess
+    import sys
+
+    env = child_env(settings, bootstrap, run_dir, DRIFTREC_RANKING__ENGINE="policy", DRIFTREC_METRICS__PORT="0",
+                    DRIFTREC_TRAINER__MIN_EXAMPLES="100")
+    out = run_dir / "train.json"
+    done = subprocess.run([sys.executable, "-m", "driftrec.cli", "train", "--once", "--json", str(out)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    result = json.loads(out.read_text()) if out.is_file() else {}
+    if done.returncode != 0 or result.get("outcome") != "promoted":
+        raise RuntimeError(f"the knowledge model was not trained ({result.get('outcome')}): {done.stderr[-2000:]}")
+    return result
+
+
 def run(settings: Settings, repeats: int = 3, rate: float = 50.0, seconds: float = 30.0,
         event_rate: float = 2000.0, steps: tuple[float, ...] = (100.0, 200.0, 400.0),
-        engine: str = "policy") -> list[dict[str, Any]]:
+        engine: str = "policy", model: bool = True) -> list[dict[str, Any]]:
     runs = []
     for _ in range(repeats):
         run_dir = Path(tempfile.mkdtemp(prefix="driftrec-bench-e2e-"))
         try:
             with broker(settings) as bootstrap, Children() as children:
+                asyncio.run(_prewarm(settings, bootstrap))
+                trained = _train_once(settings, bootstrap, run_dir) if engine == "policy" and model else None
                 metrics_port = free_port()
                 extra = {"DRIFTREC_METRICS__PORT": str(metrics_port), "DRIFTREC_RANKING__ENGINE": engine}
                 if engine == "loop":
@@ -160,6 +196,7 @@ def run(settings: Settings, repeats: int = 3, rate: float = 50.0, seconds: float
                 out = asyncio.run(_measure(settings, bootstrap, metrics_port, children, rate, seconds, event_rate,
                                            steps))
                 out["engine"] = engine
+                out["knowledge_model"] = trained.get("version") if trained else None
                 runs.append(out)
         finally:
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -174,6 +211,8 @@ if __name__ == "__main__":
     ap.add_argument("--rate", type=float, default=50.0)
     ap.add_argument("--events", type=float, default=2000.0)
     ap.add_argument("--seconds", type=float, default=30.0)
+    ap.add_argument("--no-model", action="store_true",
+                    help="policy engine without a knowledge model (collaborative features only)")
     a = ap.parse_args()
     print(json.dumps(run(Settings.load(), repeats=1, rate=a.rate, seconds=a.seconds, event_rate=a.events,
-                         engine=a.engine), indent=2, default=str))
+                         engine=a.engine, model=not a.no_model), indent=2, default=str))

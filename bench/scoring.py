@@ -11,7 +11,13 @@ catalogue (2,000 items by default), then measures
 * ``swap_build_p50_ms`` - background build of a snapshot (verify checkpoint, merge or reuse model,
   item vectors; cached versions reuse their item rows).
 
-Targets on the project's CPU: score p99 <= 50 ms for 100 candidates, swap pause p99 <= 30 ms.
+* ``score_max_rps`` - the highest offered rate (open loop, ``POST /v1/score`` with 100 candidates and a
+  distinct user history per request, over HTTP to a ``driftrec scorer`` process, its micro-batcher
+  included) at which p99 stays <= 50 ms with no error; rates 25, 50, 100, 200, 300, 400 requests/s for
+  8 s each, stopping at the first that fails (``score_rates`` holds each step).
+
+Targets on the project's CPU: score p99 <= 50 ms for 100 candidates, swap pause p99 <= 30 ms,
+score_max_rps >= 300.
 ``python -m driftrec.bench.scoring [--items N] [--repeats N]`` prints the result as JSON.
 """
 
@@ -103,8 +109,9 @@ def run(
     n_candidates: int = 100,
     swaps: int = 20,
     torch_threads: int | None = None,
+    rps: bool = True,
 ) -> dict[str, Any]:
-    """Measure scoring latency and swap pause; see the module docstring for the keys."""
+    """Measure scoring latency, swap pause and (``rps``) ``score_max_rps``; see the module docstring."""
     with tempfile.TemporaryDirectory(prefix="driftrec-bench-") as tmp:
         settings = settings.model_copy(deep=True)
         settings.model.adapter_dir = Path(tmp) / "adapters"
@@ -185,7 +192,9 @@ def run(
     during = [(e - s) * 1e3 for s, e in samples if overlaps(s, e)]
     base_p50 = statistics.median(baseline) if baseline else 0.0
     pauses = [max(0.0, d - base_p50) for d in during] or [0.0]
+    throughput = max_rps(settings) if rps else {}
     return {
+        **throughput,
         "device": str(scorer.plan),
         "torch_threads": threads,
         "items": n_items,
@@ -204,6 +213,87 @@ def run(
     }
 
 
+def max_rps(settings: Any, *, rates: tuple[float, ...] = (25, 50, 100, 200, 300, 400), seconds: float = 8.0,
+            n_items: int = 2000, n_candidates: int = 100, budget_ms: float = 50.0) -> dict[str, Any]:
+    """``score_max_rps`` (see the module docstring): a scorer process on the embedded broker, a synthetic
+    catalogue from a JSON-lines file, open-loop ``/v1/score`` steps until one misses the budget."""
+    import asyncio
+
+    from driftrec.core.broker import broker, free_port
+    from driftrec.demo import Children, _wait_http, child_env
+
+    with tempfile.TemporaryDirectory(prefix="driftrec-bench-rps-") as tmp, broker(settings) as bootstrap, \
+            Children() as children:
+        run_dir = Path(tmp)
+        items = synthetic_items(n_items)
+        with open(run_dir / "items.jsonl", "w") as fh:
+            for it in items:
+                fh.write(json.dumps({"item_id": it.item_id, "title": it.title, "genres": it.genres, "year": it.year,
+                                     "tags": it.tags}) + "\n")
+        port = free_port()
+        children.start("scorer", ["scorer", "--port", str(port), "--catalogue", str(run_dir / "items.jsonl")],
+                       child_env(settings, bootstrap, run_dir, DRIFTREC_MODEL__ADAPTER_DIR=str(run_dir / "adapters")),
+                       run_dir / "scorer.log")
+        url = f"http://127.0.0.1:{port}"
+        if not _wait_http(f"{url}/readyz", 240, children):
+            raise RuntimeError("the scorer did not get ready in 240 s")
+        rng = random.Random(7)
+        ids = [it.item_id for it in items]
+        payloads = [{"user_id": f"rps{k}", "candidates": rng.sample(ids, n_candidates),
+                     "history": [{"item_id": rng.choice(ids), "rating": rng.choice([None, 3.0, 4.0, 5.0])}
+                                 for _ in range(rng.randint(2, 8))]} for k in range(4000)]
+        steps = asyncio.run(_rps_steps(url, payloads, rates, seconds, budget_ms))
+    ok = [st["rate"] for st in steps if st["errors"] == 0 and st["p99_ms"] is not None and st["p99_ms"] <= budget_ms]
+    return {"score_max_rps": max(ok, default=0.0), "score_rates": steps}
+
+
+async def _rps_steps(url: str, payloads: list[dict], rates, seconds: float, budget_ms: float) -> list[dict]:
+    import asyncio
+
+    import aiohttp
+
+    steps = []
+    k = 0
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=2000),
+                                     timeout=aiohttp.ClientTimeout(total=30)) as session:
+
+        async def one(body: dict, lat: list[float], errors: list[str]) -> None:
+            t = time.perf_counter()
+            try:
+                async with session.post(f"{url}/v1/score", json=body) as resp:
+                    await resp.read()
+                    if resp.status != 200:
+                        errors.append(str(resp.status))
+                        return
+            except Exception as exc:  # noqa: BLE001 - counted as an error of the step
+                errors.append(repr(exc))
+                return
+            lat.append((time.perf_counter() - t) * 1e3)
+
+        for _ in range(20):  # warm-up, not measured
+            await one(payloads[k % len(payloads)], [], [])
+            k += 1
+        for rate in rates:
+            lat: list[float] = []
+            errors: list[str] = []
+            tasks = []
+            t0 = time.perf_counter()
+            n = 0
+            while (elapsed := time.perf_counter() - t0) < seconds:
+                while n < int(elapsed * rate):
+                    tasks.append(asyncio.create_task(one(payloads[k % len(payloads)], lat, errors)))
+                    n += 1
+                    k += 1
+                await asyncio.sleep(0.002)
+            await asyncio.gather(*tasks)
+            step = {"rate": rate, "requests": n, "achieved_rps": n / seconds, "errors": len(errors),
+                    "p50_ms": _pct(lat, 0.5) if lat else None, "p99_ms": _pct(lat, 0.99) if lat else None}
+            steps.append(step)
+            if errors or not lat or step["p99_ms"] > budget_ms:
+                break
+    return steps
+
+
 def main() -> None:
     from driftrec.core.settings import Settings
 
@@ -212,9 +302,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--items", type=int, default=2000)
     parser.add_argument("--swaps", type=int, default=20)
+    parser.add_argument("--no-rps", action="store_true", help="skip score_max_rps (the HTTP load steps)")
     args = parser.parse_args()
     settings = Settings.load(config=args.config)
-    print(json.dumps(run(settings, repeats=args.repeats, n_items=args.items, swaps=args.swaps), indent=2))
+    print(json.dumps(run(settings, repeats=args.repeats, n_items=args.items, swaps=args.swaps, rps=not args.no_rps),
+                     indent=2))
 
 
 if __name__ == "__main__":
