@@ -26,16 +26,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from driftrec.bench.e2e import pct
 from driftrec.core.broker import broker, free_port
 from driftrec.core.settings import Settings
 from driftrec.demo import Children, _wait_http, child_env
 
 
-def pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
 
 
 def _observed(metrics_port: int) -> float:

@@ -68,6 +68,8 @@ from typing import Any
 
 import numpy as np
 
+from driftrec.bench.e2e import pct
+
 CATALOGUE_SIZES = (2_000, 20_000, 100_000)
 USER_SIZES = (10_000, 100_000, 1_000_000)
 TEXT_DIM = 384  # all-MiniLM-L6-v2's width
@@ -103,12 +105,6 @@ def mem_available_bytes() -> int:
     return 0
 
 
-def pct(values: list[float], q: float) -> float | None:
-    """The ``q``-th percentile (0-100), nearest rank."""
-    if not values:
-        return None
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
 
 
 def knn_capacity(n_items: int) -> int:

@@ -85,12 +85,9 @@ class AsyncProducer:
     async def start(self) -> "AsyncProducer":
         from aiokafka import AIOKafkaProducer
 
-        from driftrec.core.broker import broker
-
-        if self._bootstrap is None:
-            with broker(self.settings, start=False) as servers:
-                self._bootstrap = servers
         from driftrec.core.kafka_auth import client_options
+
+        self._bootstrap = _bootstrap(self.settings, self._bootstrap)
 
         self._producer = AIOKafkaProducer(
             bootstrap_servers=self._bootstrap,
@@ -228,6 +225,34 @@ def _bootstrap(settings: Settings, bootstrap_servers: str | None) -> str:
         return servers
 
 
+def _consumer_options(settings: Settings, bootstrap_servers: str | None, group_id: str | None,
+                      from_beginning: bool) -> dict[str, Any]:
+    """What both subscriptions give their consumer (aiokafka and kafka-python take the same names)."""
+    from driftrec.core.broker import is_tansu, session_timeouts
+    from driftrec.core.kafka_auth import client_options
+
+    session, heartbeat = session_timeouts(settings)
+    return dict(
+        bootstrap_servers=_bootstrap(settings, bootstrap_servers),
+        **client_options(settings.kafka),
+        group_id=group_id,
+        auto_offset_reset="earliest" if from_beginning else "latest",
+        enable_auto_commit=group_id is not None,
+        session_timeout_ms=int(session * 1000),
+        heartbeat_interval_ms=int(heartbeat * 1000),
+        metadata_max_age_ms=5000 if is_tansu(settings) else 300000,
+    )
+
+
+def _recommendation(value: bytes, user_id: str | None) -> dict[str, Any] | None:
+    """A record's recommendation, or None when it is not JSON or (with ``user_id``) names another user."""
+    try:
+        rec = json.loads(value)
+    except ValueError:
+        return None
+    return rec if user_id is None or rec.get("user_id") == user_id else None
+
+
 async def subscribe(
     settings: Settings | None = None,
     *,
@@ -247,25 +272,12 @@ async def subscribe(
     """
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    from driftrec.core.broker import broker, is_tansu, session_timeouts, user_partition
-    from driftrec.core.kafka_auth import client_options
+    from driftrec.core.broker import user_partition
 
     settings = settings or Settings.load()
-    if bootstrap_servers is None:
-        with broker(settings, start=False) as servers:
-            bootstrap_servers = servers
-    session, heartbeat = session_timeouts(settings)
     name = topic or settings.topics.recommendations.name
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap_servers,
-        **client_options(settings.kafka),
-        group_id=group_id,
-        auto_offset_reset="earliest" if from_beginning else "latest",
-        enable_auto_commit=group_id is not None,
-        session_timeout_ms=int(session * 1000),
-        heartbeat_interval_ms=int(heartbeat * 1000),
-        metadata_max_age_ms=5000 if is_tansu(settings) else 300000,
-    )
+    options = _consumer_options(settings, bootstrap_servers, group_id, from_beginning)
+    consumer = AIOKafkaConsumer(**options)
     await consumer.start()
     try:
         if user_id is None:
@@ -274,14 +286,11 @@ async def subscribe(
             await consumer.topics()  # metadata, for the topic's partition count
             partitions = consumer.partitions_for_topic(name)
             if not partitions:
-                raise LookupError(f"topic {name!r} does not exist on {bootstrap_servers}")
+                raise LookupError(f"topic {name!r} does not exist on {options['bootstrap_servers']}")
             consumer.assign([TopicPartition(name, user_partition(user_id, len(partitions)))])
         async for msg in consumer:
-            try:
-                rec = json.loads(msg.value)
-            except ValueError:
-                continue
-            if user_id is None or rec.get("user_id") == user_id:
+            rec = _recommendation(msg.value, user_id)
+            if rec is not None:
                 yield rec
     finally:
         await consumer.stop()
@@ -304,23 +313,12 @@ def subscribe_sync(
     group coordinates the partitions and the position is committed."""
     from kafka import KafkaConsumer, TopicPartition
 
-    from driftrec.core.broker import is_tansu, session_timeouts, user_partition
-    from driftrec.core.kafka_auth import client_options
+    from driftrec.core.broker import user_partition
 
     settings = settings or Settings.load()
-    session, heartbeat = session_timeouts(settings)
     name = topic or settings.topics.recommendations.name
-    consumer = KafkaConsumer(
-        bootstrap_servers=_bootstrap(settings, bootstrap_servers),
-        **client_options(settings.kafka),
-        group_id=group_id,
-        auto_offset_reset="earliest" if from_beginning else "latest",
-        enable_auto_commit=group_id is not None,
-        session_timeout_ms=int(session * 1000),
-        heartbeat_interval_ms=int(heartbeat * 1000),
-        metadata_max_age_ms=5000 if is_tansu(settings) else 300000,
-        consumer_timeout_ms=float("inf") if timeout_s is None else int(timeout_s * 1000),
-    )
+    consumer = KafkaConsumer(**_consumer_options(settings, bootstrap_servers, group_id, from_beginning),
+                             consumer_timeout_ms=float("inf") if timeout_s is None else int(timeout_s * 1000))
     try:
         if group_id is not None and user_id is None:
             consumer.subscribe([name])
@@ -331,11 +329,8 @@ def subscribe_sync(
             chosen = [user_partition(user_id, len(partitions))] if user_id is not None else sorted(partitions)
             consumer.assign([TopicPartition(name, p) for p in chosen])
         for msg in consumer:
-            try:
-                rec = json.loads(msg.value)
-            except ValueError:
-                continue
-            if user_id is None or rec.get("user_id") == user_id:
+            rec = _recommendation(msg.value, user_id)
+            if rec is not None:
                 yield rec
     finally:
         consumer.close()

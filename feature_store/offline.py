@@ -47,7 +47,6 @@ class OfflineLog:
         self.flush_rows = flush_rows
         self._buffers: dict[str, tuple[RowCodec, list[Row]]] = {c.view: (c, []) for c in (USER_CODEC, ITEM_CODEC)}
         self._first: float | None = None  # monotonic time of the oldest buffered row
-        self._created: float | None = None
         self.files_written = 0
         self.rows_written = 0
 

@@ -6,6 +6,7 @@ the user's own items excluded: always available, cheap, and honest about being a
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from collections import OrderedDict, deque
@@ -135,7 +136,7 @@ class LoopRanker(Ranker):
         self.online: deque[tuple[bool, float]] = deque(maxlen=1000)
         self.errors: deque[float] = deque(maxlen=500)
         self._reader = None
-        self._reader_lock = None
+        self._reader_lock = asyncio.Lock()  # one opening, however many requests ask at once
         from driftrec.streams.app import follow
 
         self.follower = follow(app, InteractionFollower(s, app.bootstrap_servers))
@@ -189,12 +190,8 @@ class LoopRanker(Ranker):
         """The feature reader, opened on first use in a thread: opening a Feast store takes a second or more,
         which on the event loop would stall every scoring call in flight into its timeout."""
         if self._reader is None:
-            import asyncio
-
             from driftrec.feature_store.reader import FeatureReader
 
-            if self._reader_lock is None:
-                self._reader_lock = asyncio.Lock()
             async with self._reader_lock:
                 if self._reader is None:
                     self._reader = await asyncio.to_thread(FeatureReader, self.app.settings)
