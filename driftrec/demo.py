@@ -310,11 +310,11 @@ async def _drive(settings, bootstrap, world, titles, events, request_every, rate
                 stats["answered"] += 1
                 stats["fallback"] += bool(rec.get("fallback"))
                 version = _served_version(rec)
-                if version and not rec.get("fallback") and version != stats.get("serving"):
-                    if stats.get("serving"):
-                        say(f"hot-swap: the worker now serves {version} (was {stats['serving']})")
-                    stats["serving"] = version
-                    stats.setdefault("versions", []).append(version)
+                served = stats.setdefault("versions", [])
+                if version and not rec.get("fallback") and (not served or version != served[-1]):
+                    if served:
+                        say(f"hot-swap: the worker now serves {version} (was {served[-1]})")
+                    served.append(version)
                 if not quiet:
                     picks = ", ".join(titles.get(i["item_id"], i["item_id"]) for i in rec["items"][:3])
                     tag = "fallback" if rec.get("fallback") else version or "base"
