@@ -16,36 +16,32 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-from driftrec.bench.ingest import _World, _metric, _produce, _scrape, _stop, _wait_port, backlog_window
+from driftrec.bench.ingest import _World, _metric, _produce, _scrape, _wait_port, backlog_window
 from driftrec.core.settings import Settings
 
 
 def _one(settings: Settings, delay_s: float, n_events: int, every: int) -> dict[str, Any]:
     from driftrec.core.broker import broker
-    from driftrec.demo import child_env
+    from driftrec.demo import Children, child_env
     from driftrec.testing.slow_scorer import SlowScorerProcess
 
     world = _World(2000, 1000)
     run_dir = Path(tempfile.mkdtemp(prefix="driftrec-bench-scorer-fault-"))
-    proc = None
     try:
-        with broker(settings) as bootstrap, SlowScorerProcess(delay_s=delay_s, items=world.items[:20]) as scorer:
+        with broker(settings) as bootstrap, SlowScorerProcess(delay_s=delay_s, items=world.items[:20]) as scorer, \
+                Children() as children:
             asyncio.run(_produce(bootstrap, settings, world.catalogue))
             log_path = run_dir / "worker.log"
             env = child_env(settings, bootstrap, run_dir, DRIFTREC_METRICS__PORT="0", DRIFTREC_RANKING__ENGINE="loop",
                             DRIFTREC_SCORER__URL=scorer.url, DRIFTREC_FEAST__PROJECT=f"bench_{uuid.uuid4().hex[:8]}",
                             DRIFTREC_LOG_LEVEL="WARNING")
-            with open(log_path, "ab") as fh:
-                proc = subprocess.Popen([sys.executable, "-m", "driftrec.cli", "worker"], env=env, stdout=fh,
-                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            proc = children.start("worker", ["worker"], env, log_path)
             port = _wait_port(log_path, proc)
             deadline = time.monotonic() + 120
             while _metric(_scrape(port), "driftrec_feature_rows_written_total", feature_view="item_features") == 0:
@@ -74,8 +70,6 @@ def _one(settings: Settings, delay_s: float, n_events: int, every: int) -> dict[
                     "events_per_s": len(backlog) / window["users_s"], "seconds": window["users_s"],
                     "published": published, "fallbacks": fallbacks, "scorer_calls": scorer.calls}
     finally:
-        if proc is not None:
-            _stop(proc)
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
