@@ -303,6 +303,13 @@ class ItemSequenceModel(ABC):
     def score_items(self, history: Sequence[str], ratings: Sequence[float | None], item_ids: Sequence[str]) -> np.ndarray:
         """Scores of ``item_ids`` for a user whose interactions (oldest first) were ``history``."""
 
+    def score_items_many(self, histories: Sequence[Sequence[str]], ratings: Sequence[Sequence[float | None]],
+                         item_ids: Sequence[str]) -> np.ndarray:
+        """:meth:`score_items` of several users at once (rows aligned with ``histories``); each row must equal
+        what :meth:`score_items` gives that user alone. Models override it to batch their forwards."""
+        return np.stack([np.asarray(self.score_items(h, r, item_ids), dtype=np.float64)
+                         for h, r in zip(histories, ratings)]) if histories else np.zeros((0, len(item_ids)))
+
     def text_vectors(self, item_ids: Sequence[str] | None = None) -> np.ndarray | None:
         """L2-normalised LM text vectors of ``item_ids`` (None: the model has no text part)."""
         return None

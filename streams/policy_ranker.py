@@ -7,11 +7,15 @@
 * **Catalogue**: the policy is built once the catalogue follower has caught up, with the items in
   catalogue arrival order (the order of every score vector, and the tie-break); later items join through
   ``app.catalogue.on_item`` -> ``policy.add_item``.
-* **Learning**: an :class:`~driftrec.core.followers.InteractionFollower` feeds ``policy.observe`` with every
-  click (a positive, rating None) and rating of *every* worker, in topic order (one partition per topic
-  keeps the global order; with several, the order within each partition). Interactions read before
-  the policy exists wait in a buffer and are observed, in order, right after it is built.
-  ``driftrec_ranking_observed_total`` counts what was observed.
+* **Learning**: an :class:`~driftrec.core.followers.InteractionFollower` delivers every click (a
+  positive, rating None) and rating of *every* worker, in topic order (one partition per topic keeps the
+  global order; with several, the order within each partition), into a queue. A learning task takes
+  them in chunks of up to ``LEARN_CHUNK`` and hands each chunk to ``policy.observe_many`` (the knowledge
+  model's forwards batched, the same result as one by one), yielding the event loop between chunks so
+  that requests are ranked between them instead of waiting behind a whole fetch of events. Interactions
+  read before the policy exists wait in the queue; the ranker is ready once that first backlog is
+  learnt. ``driftrec_ranking_observed_total`` counts what was observed, ``driftrec_ranking_backlog``
+  what waits.
 * **Knowledge graph** (``ranking.kg_path``, optional): loaded with the catalogue; its candidate source
   feeds the policy's graph features (the trainer puts the same graph in the model's objective).
 * **Knowledge model**: loaded from ``<model.adapter_dir>/knowledge/<model.default_domain>/<ACTIVE>``
@@ -24,8 +28,9 @@
   flagged popularity fallback (``driftrec_recommendation_fallbacks_total{reason="policy_error"}``), as
   before the policy is ready (``policy_not_ready``).
 
-Everything runs on the worker's event loop thread (the follower's callbacks, the stage's ``rank``), so
-the policy sees no concurrent mutation; only file reads and checkpoint loading go to a thread.
+Everything runs on the worker's event loop thread (the follower's callbacks, the learning task, the
+stage's ``rank``), so the policy sees no concurrent mutation; only file reads and checkpoint loading go
+to a thread.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 COLLABORATIVE = "collaborative"  # model_version when no knowledge model serves
+LEARN_CHUNK = 64  # interactions learnt between two turns of the event loop
 
 # feature -> the reason group it speaks for
 _GROUPS = {
@@ -82,8 +88,9 @@ class PolicyRanker(Ranker):
         self.model_version: str | None = None  # the ACTIVE version served (None: no knowledge model)
         self.model_name = COLLABORATIVE
         self._rejected: str | None = None  # the version last refused (not retried until ACTIVE changes)
-        self._pending: deque[Click | Rating] = deque()
-        self._live = False  # the policy exists and the buffer is drained: observe directly
+        self._pending: deque[Click | Rating] = deque()  # delivered, not learnt yet
+        self._wake = asyncio.Event()
+        self._live = False  # the policy exists and the first backlog is learnt
         self.observed = 0
         self.shown: OrderedDict[str, dict[str, int]] = OrderedDict()
         self.online: deque[tuple[float, float]] = deque(maxlen=1000)
@@ -94,7 +101,11 @@ class PolicyRanker(Ranker):
         async def run_policy_ranker() -> None:
             await self.run()
 
+        async def run_policy_learning() -> None:
+            await self.learn_loop()
+
         app.task(run_policy_ranker)
+        app.task(run_policy_learning)
 
     # -- start-up and the model watch ---------------------------------------------------------------
     async def run(self) -> None:
@@ -120,7 +131,7 @@ class PolicyRanker(Ranker):
         model = await self._load_active()
         graph = await asyncio.to_thread(self._load_graph)
         self.build(model, graph)
-        await self._drain()
+        self._wake.set()
 
     def _load_graph(self):
         """``ranking.kg_path``'s graph as the policy's candidate source (None without one)."""
@@ -144,15 +155,37 @@ class PolicyRanker(Ranker):
         log.info("ranking policy built: %d items, model %s%s", len(items), self.model_name,
                  ", knowledge graph" if graph is not None else "")
 
-    async def _drain(self) -> None:
-        """Observe what the follower delivered before the policy existed, in order; then go live."""
-        n = 0
-        while self._pending:
-            self._observe(self._pending.popleft())
-            n += 1
-            if n % 1000 == 0:
-                await asyncio.sleep(0)  # let the loop breathe; new events keep queueing behind
-        self._live = True
+    async def learn_loop(self) -> None:
+        """Learn the queued interactions in order, ``LEARN_CHUNK`` at a time, yielding between chunks; the
+        ranker goes live when the backlog found at start is learnt."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self.policy is not None and self._pending:
+                self.learn_chunk()
+                metrics.RANKING_BACKLOG.set(len(self._pending))
+                await asyncio.sleep(0)  # requests queued meanwhile are ranked now
+            if self.policy is not None:
+                self._live = True
+
+    def learn_chunk(self) -> int:
+        """Observe the next (up to) ``LEARN_CHUNK`` queued interactions (``policy.observe_many``)."""
+        chunk = [self._pending.popleft() for _ in range(min(LEARN_CHUNK, len(self._pending)))]
+        events = [(ev.user_id, ev.item_id, float(ev.rating) if isinstance(ev, Rating) else None, ev.event_time)
+                  for ev in chunk]
+        try:
+            self.policy.observe_many(events)
+        except Exception:  # noqa: BLE001 - one bad chunk must not stop learning: learn its events one by one
+            log.exception("the ranking policy failed on a chunk of events; observing them one by one")
+            for ev in chunk:
+                self._observe(ev)
+            return len(chunk)
+        for ev, (_, _, rating, _) in zip(chunk, events):
+            if rating is None or rating >= 3:  # the fallback's popularity, from every worker's events
+                self.popularity.learn_one(ev.user_id, ev.item_id, rating, ev.event_time)
+        self.observed += len(chunk)
+        metrics.RANKING_OBSERVED.inc(len(chunk))
+        return len(chunk)
 
     async def _load_active(self):
         """The ACTIVE knowledge model (verified), or None when there is none or it is refused."""
@@ -211,10 +244,8 @@ class PolicyRanker(Ranker):
             self.policy.add_item(kept.item_id, kept)
 
     def _on_interaction(self, ev: Click | Rating) -> None:
-        if self._live:
-            self._observe(ev)
-        else:
-            self._pending.append(ev)
+        self._pending.append(ev)
+        self._wake.set()
 
     def _observe(self, ev: Click | Rating) -> None:
         rating = float(ev.rating) if isinstance(ev, Rating) else None

@@ -234,6 +234,10 @@ FALLBACKS = Counter(
     "(scorer_timeout/scorer_error/scorer_unavailable/scorer_circuit_open/deadline/policy_error/policy_not_ready).",
     ["reason"],
 )
+RANKING_BACKLOG = Gauge(
+    "driftrec_ranking_backlog",
+    "Interactions delivered to the worker's ranking policy and not learnt yet (ranking.engine=policy).",
+)
 RANKING_OBSERVED = Counter(
     "driftrec_ranking_observed",
     "Interactions (clicks and ratings, in topic order) the worker's ranking policy has learnt from "

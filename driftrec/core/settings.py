@@ -325,7 +325,7 @@ class RankingSettings(_Section):
     #: the fields handed to the ranking policy (PolicyConfig's, same names)
     POLICY_FIELDS: ClassVar[tuple[str, ...]] = (
         "positive_threshold", "half_life_s", "knn_user_decay", "knn_pair_decay", "knn_max_history", "negatives",
-        "hard_pool", "corrector_lr", "corrector_min_updates", "cold_threshold", "seed",
+        "hard_pool", "hard_pool_every", "learn_fraction", "corrector_lr", "corrector_min_updates", "cold_threshold", "seed",
     )
 
     engine: Literal["loop", "policy"] = "policy"
@@ -336,6 +336,12 @@ class RankingSettings(_Section):
     knn_max_history: int = Field(default=60, ge=1)
     negatives: int = Field(default=6, ge=1, le=1000, description="negatives per positive for the fusion")
     hard_pool: int = Field(default=50, ge=1, le=100_000)
+    hard_pool_every: int = Field(default=4, ge=1, le=1000, description=(
+        "rank the whole catalogue for a user's hard negatives at every n-th of their learning positives "
+        "(the pool is reused in between)"))
+    learn_fraction: float = Field(default=0.25, gt=0, le=1, description=(
+        "the share of learning positives the fusion learns from, picked by a stable hash of (user, item): "
+        "the same ones in the replay and in the worker"))
     corrector_lr: float = Field(default=0.005, gt=0, lt=10)
     corrector_min_updates: int = Field(default=2000, ge=0)
     cold_threshold: int = Field(default=5, ge=0)

@@ -35,7 +35,6 @@ class ModelTrainer(Protocol):
 
 class Arm:
     name: str = ""
-    learns_with_scores = False  # observe() wants this arm's own scores at a tested positive
 
     def scores(self, user: str, ts: float) -> np.ndarray:
         raise NotImplementedError
@@ -46,6 +45,9 @@ class Arm:
     def refit(self, histories: Histories, *, initial: bool) -> dict | None:
         return None
 
+    def prefetch(self, events: Sequence[tuple]) -> None:
+        """The next ``events`` (user, item, rating, ts), for arms that can batch work ahead of them."""
+
     def info(self) -> dict:
         return {}
 
@@ -53,7 +55,6 @@ class Arm:
 class PolicyArm(Arm):
     """A ranking policy; its knowledge model (if any) comes from ``trainer`` after each refit."""
 
-    learns_with_scores = True
 
     def __init__(self, name: str, policy: RankingPolicy, trainer: ModelTrainer | None = None) -> None:
         self.name = name
@@ -66,6 +67,9 @@ class PolicyArm(Arm):
 
     def observe(self, user, item, rating, ts, scores) -> None:
         self.policy.observe(user, item, rating, ts, scores=scores)
+
+    def prefetch(self, events: Sequence[tuple]) -> None:
+        self.policy.prefetch(events)
 
     def refit(self, histories: Histories, *, initial: bool) -> dict | None:
         if self.trainer is None:

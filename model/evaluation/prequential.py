@@ -46,6 +46,7 @@ BASELINES = ("popularity", "decayed_popularity", "itemknn")
 MODEL_BASELINES = ("sasrec", "lm_only")
 ABLATIONS = ("lm", "kg")
 SYSTEM = "driftrec"
+PREFETCH_BLOCK = 256  # events whose knowledge-model forwards are batched ahead (see RankingPolicy.prefetch)
 
 # -------------------------------------------------------------------------------------- config
 
@@ -348,9 +349,14 @@ class _Replay:
 
         bar = tqdm(total=len(events), desc="prequential-v1", unit="ev", disable=not progress, mininterval=2.0,
                    file=sys.stderr)
+        block = 0
         for p, e in enumerate(events):
             self._position = p
-            self._maybe_refit(p)
+            if self._maybe_refit(p) or p >= block:  # batch the knowledge models' forwards of the next events
+                block = p + PREFETCH_BLOCK
+                ahead = [(x.user, x.item, x.rating, x.timestamp) for x in events[p:block]]
+                for arm in self.arms.values():
+                    arm.prefetch(ahead)
             positive = e.rating >= self.cfg.positive_threshold
             scores = self._test(p, e, positive)
             self._learn(e, scores)
@@ -367,11 +373,11 @@ class _Replay:
 
     # ------------------------------------------------------------------------------ training
 
-    def _maybe_refit(self, p: int) -> None:
+    def _maybe_refit(self, p: int) -> bool:
         """Before event ``p``: the first training of the sequence models at the end of the warm-up, then a
         warm-started retraining every ``cfg.lm_update_every`` events, each on the histories so far."""
         if self.n_warm <= 0 or p < self.n_warm:
-            return
+            return False
         if self.last_fit is None or p - self.last_fit >= self.cfg.lm_update_every:
             initial = self.last_fit is None
             histories = list(self.policy.histories())
@@ -383,6 +389,8 @@ class _Replay:
                         self.fits.append({"arm": name, "position": p, "initial": initial, **stats})
                     self.seconds[name] += time.perf_counter() - t0
             self.last_fit = p
+            return True
+        return False
 
     # ----------------------------------------------------------------------------- test step
 
@@ -399,7 +407,7 @@ class _Replay:
             evaluate = (self.positives_seen - 1) % self.cfg.every == 0
         scores = {}
         for name, arm in self.arms.items():
-            if evaluate or arm.learns_with_scores:
+            if evaluate:
                 t0 = time.perf_counter()
                 scores[name] = arm.scores(u, e.timestamp)
                 self.seconds[name] += time.perf_counter() - t0

@@ -313,11 +313,42 @@ class KnowledgeModel(ItemSequenceModel):
         if self._texts is not None and text is not None:
             self._texts = np.concatenate([self._texts, text.numpy()])
 
-    def user_vector(self, history: Sequence[str]) -> torch.Tensor:
-        idx = [self.index[i] for i in history if i in self.index][-(self.net.encoder.maxlen - 1):]
-        seq = torch.as_tensor([[BOS] + idx], dtype=torch.long)
+    def _bucket(self, n: int) -> int:
+        """The padded length of a sequence of ``n`` tokens: the smallest of 8, 16, 32... that holds it,
+        at most ``maxlen``. A user's vector is computed at that length alone or in any batch, so it is the
+        same to the bit either way (a batch of rows of one length gives each row the bits it gets alone)."""
+        L = 8
+        while L < n:
+            L *= 2
+        return min(L, self.net.encoder.maxlen)
+
+    def user_vectors(self, histories: Sequence[Sequence[str]], chunk: int = 128) -> torch.Tensor:
+        """The user vectors (len(histories) x dim) of several histories: one forward per length bucket and
+        ``chunk`` rows instead of one per user (a one-user forward is mostly framework overhead)."""
+        maxlen = self.net.encoder.maxlen
+        seqs = [[BOS] + [self.index[i] for i in h if i in self.index][-(maxlen - 1):] for h in histories]
+        out = torch.empty(len(seqs), self.table.shape[1])
+        buckets: dict[int, list[int]] = {}
+        for r, s in enumerate(seqs):
+            buckets.setdefault(self._bucket(len(s)), []).append(r)
         with torch.no_grad():
-            return self.net.encoder(self.table, seq)[0, -1]
+            for L, rows in buckets.items():
+                for a in range(0, len(rows), chunk):
+                    part = rows[a:a + chunk]
+                    seq = torch.as_tensor([[PAD] * (L - len(seqs[r])) + seqs[r] for r in part], dtype=torch.long)
+                    out[part] = self.net.encoder(self.table, seq)[:, -1]
+        return out
+
+    def user_vector(self, history: Sequence[str]) -> torch.Tensor:
+        return self.user_vectors([history])[0]
+
+    def score_items_many(self, histories: Sequence[Sequence[str]], ratings: Sequence[Sequence[float | None]],
+                         item_ids: Sequence[str]) -> np.ndarray:
+        if list(item_ids) != self.item_ids:
+            return super().score_items_many(histories, ratings, item_ids)
+        H = self.user_vectors(histories)
+        with torch.no_grad():
+            return torch.stack([self.table @ h for h in H]).double().numpy() if len(H) else np.zeros((0, len(item_ids)))
 
     def score_items(self, history: Sequence[str], ratings: Sequence[float | None], item_ids: Sequence[str]) -> np.ndarray:
         h = self.user_vector(history)

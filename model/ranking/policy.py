@@ -17,6 +17,7 @@ order and the same model version give the same lists.
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import asdict, dataclass
 from typing import Iterable, Mapping, Sequence
 
@@ -49,6 +50,8 @@ class PolicyConfig:
     knn_max_history: int = 60
     negatives: int = 6
     hard_pool: int = 50
+    hard_pool_every: int = 4
+    learn_fraction: float = 0.25
     corrector_lr: float = 0.005
     corrector_min_updates: int = 2000
     cold_threshold: int = 5
@@ -59,11 +62,13 @@ class PolicyConfig:
             raise ValueError("knn decays must be in (0, 1]")
         if self.half_life_s <= 0:
             raise ValueError("half_life_s must be > 0")
-        for name in ("knn_max_history", "negatives", "hard_pool"):
+        for name in ("knn_max_history", "negatives", "hard_pool", "hard_pool_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.corrector_lr <= 0:
             raise ValueError("corrector_lr must be > 0")
+        if not 0 < self.learn_fraction <= 1:
+            raise ValueError("learn_fraction must be in (0, 1]")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -294,6 +299,8 @@ class RankingPolicy:
         self.rng = np.random.default_rng(cfg.seed)
         self.model: ItemSequenceModel | None = None
         self._km_memo: tuple | None = None
+        self._km_pre: dict[tuple, np.ndarray] = {}  # prefetched model scores (see prefetch)
+        self._pools: dict[str, list] = {}  # user -> [learning positives since ranked, hard pool] (see learn)
         self.state.listeners.append(self._item_added)
         self.set_model(model)
 
@@ -367,6 +374,7 @@ class RankingPolicy:
         self.model = model
         self._model_epoch = getattr(self, "_model_epoch", 0) + 1
         self._km_memo = None
+        self._km_pre.clear()
         if model is not None:
             self._sync_model_items()
 
@@ -395,10 +403,51 @@ class RankingPolicy:
         key = (user, len(hist), n, self._model_epoch)
         if self._km_memo is not None and self._km_memo[0] == key:
             return self._km_memo[1]
-        km = np.asarray(self.model.score_items([self.item_ids[i] for i, _ in hist], [r for _, r in hist],
-                                               self.item_ids), dtype=np.float64)
+        km = self._km_pre.pop(key, None)
+        if km is None:
+            km = np.asarray(self.model.score_items([self.item_ids[i] for i, _ in hist], [r for _, r in hist],
+                                                   self.item_ids), dtype=np.float64)
         self._km_memo = (key, km)
         return km
+
+    def prefetch(self, events: Sequence[tuple]) -> int:
+        """Compute, in batched forwards, the knowledge model's scores that observing ``events`` ((user, item,
+        rating, ...) tuples; in this order, next) will ask for: one per positive the fusion learns from,
+        for the user's history before it.
+        Changes no result (a batched row is bit-identical to the user's forward alone, see
+        :meth:`~driftrec.model.knowledge.seqrec.KnowledgeModel.user_vectors`); it only makes them cheaper.
+        A history that reaches an item the model does not know yet is left to the one-user forward. Returns
+        how many were prefetched."""
+        self._km_pre.clear()
+        model = self.model
+        if model is None or not events:
+            return 0
+        thr = self.cfg.positive_threshold
+        n = len(self.item_ids)
+        added: dict[str, list[tuple[str, float]]] = {}
+        broken: set[str] = set()
+        want: dict[tuple, tuple[list[str], list[float]]] = {}
+        frac = self.cfg.learn_fraction
+        for user, item, rating, *_ in events:
+            extra = added.get(user, [])
+            learns = ((rating is None or rating >= thr) and user not in broken
+                      and self.index.get(item) not in self.seen.get(user, ())
+                      and all(item != i for i, _ in extra) and (frac >= 1 or self.learns_from(user, item)))
+            if learns:  # the positives learn() will learn from (the others need no forward)
+                hist = self.hist.get(user, ())
+                key = (user, len(hist) + len(extra), n, self._model_epoch)
+                if key not in want:
+                    want[key] = ([self.item_ids[i] for i, _ in hist] + [i for i, _ in extra],
+                                 [r for _, r in hist] + [r for _, r in extra])
+            if item not in self.index or not model.knows(item):
+                broken.add(user)
+            added.setdefault(user, []).append((item, 5.0 if rating is None else float(rating)))
+        if not want:
+            return 0
+        keys = list(want)
+        rows = model.score_items_many([want[k][0] for k in keys], [want[k][1] for k in keys], self.item_ids)
+        self._km_pre = {k: rows[j] for j, k in enumerate(keys)}
+        return len(keys)
 
     # ---------------------------------------------------------------------------------- features
 
@@ -489,19 +538,48 @@ class RankingPolicy:
               scores: np.ndarray | None = None) -> None:
         """The fusion's part of learning one interaction (the state is not touched): at a positive on an
         item new to the user, pairwise updates against negatives, half of them from the policy's own
-        current top items (``scores``: its :meth:`score_all` for this user at ``ts`` when the caller
-        has it already; computed here otherwise)."""
+        top items (``scores``: its :meth:`score_all` for this user at ``ts`` when the caller has it
+        already; computed here otherwise). The whole catalogue is ranked for that hard pool at every
+        ``cfg.hard_pool_every``-th learning positive of the user and the pool reused in between (a
+        schedule of the user's own events: the replay and the worker keep it alike, whatever they rank
+        in between). With ``cfg.learn_fraction`` < 1 it learns from that share of such positives only
+        (:meth:`learns_from`)."""
         i = self.add_item(item)
         positive = rating is None or rating >= self.cfg.positive_threshold
         if not positive or i in self.seen.get(user, ()):
             return
-        if scores is None:
-            scores = self.score_all(user, ts)
-        ranked = self.hard_pool(scores, self.allowed(user))
+        if self.cfg.learn_fraction < 1 and not self.learns_from(user, item):
+            return
+        pool = self._pools.get(user)
+        if pool is not None and pool[0] < self.cfg.hard_pool_every:
+            pool[0] += 1  # reuse the pool (items seen since are skipped by _negatives)
+            ranked = pool[1]
+        else:
+            if scores is None:
+                scores = self.score_all(user, ts)
+            ranked = self.hard_pool(scores, self.allowed(user)).astype(np.int32)
+            if self.cfg.hard_pool_every > 1:
+                self._pools[user] = [1, ranked]
         negs = self._negatives(user, i, ranked)
         cols = np.asarray([i] + negs, dtype=np.int64)
         # RankNet-style pairs (Corrector.learn_group): x_pos - x_neg -> 1 and the mirror -> 0
         self.corrector.learn_group(self.features(user, cols, ts), self.feature_names)
+
+    def learns_from(self, user: str, item: str) -> bool:
+        """Whether the fusion learns from a positive of ``user`` on ``item`` (``cfg.learn_fraction`` of
+        them, by a stable hash: the same pairs in every process and run)."""
+        h = zlib.crc32(f"{user}\x00{item}".encode())
+        return h < self.cfg.learn_fraction * 2**32
+
+    def observe_many(self, events: Sequence[tuple[str, str, float | None, float]]) -> None:
+        """:meth:`observe` each of ``events`` ((user, item, rating, ts), in order), with the knowledge
+        model's forwards batched (:meth:`prefetch`): the same result as observing them one by one."""
+        self.prefetch(events)
+        try:
+            for user, item, rating, ts in events:
+                self.observe(user, item, rating, ts)
+        finally:
+            self._km_pre.clear()
 
     def observe(self, user: str, item: str, rating: float | None, ts: float, *,
                 scores: np.ndarray | None = None) -> None:

@@ -85,6 +85,20 @@ def _make(tmp_path, **ranking):
     return app, ranker
 
 
+async def _learnt(ranker, timeout: float = 60.0) -> None:
+    """Run the ranker's learning task until everything delivered is learnt (and the ranker is live)."""
+    task = asyncio.create_task(ranker.learn_loop())
+    try:
+        ranker._wake.set()
+        deadline = asyncio.get_running_loop().time() + timeout
+        while ranker._pending or not ranker._live:
+            assert asyncio.get_running_loop().time() < deadline, "the learning task did not catch up"
+            await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 def _req(user, k=5, t=None, **kw):
     return RecommendationRequest(event_id=f"q{next(_ids)}", event_time=t or T0 + 10**6, user_id=user, k=k, **kw)
 
@@ -130,6 +144,7 @@ async def test_serves_what_the_policy_ranks(tmp_path):
     await ranker.start()
     for ev in events[100:]:
         ranker.follower._deliver(ev)
+    await _learnt(ranker)
     assert ranker.observed == len(events)
     assert metrics.RANKING_OBSERVED._value.get() == observed + len(events)
     ref = _reference(events)
@@ -156,6 +171,7 @@ async def test_new_items_join_and_online_hr_is_kept(tmp_path):
     assert ranker.policy.item_ids[-1] == "fresh"
     for ev in _events(80):
         ranker.follower._deliver(ev)
+    await _learnt(ranker)
     ranked = await ranker.rank(_req("u2", k=10))
     shown = ranked.items[0].item_id
     ranker.learn(Click(event_id="fb", event_time=T0 + 10**6, user_id="u2", item_id=shown))
@@ -167,6 +183,7 @@ async def test_a_failing_policy_falls_back_flagged(tmp_path, monkeypatch):
     await ranker.start()
     for ev in _events(50):
         ranker.follower._deliver(ev)
+    await _learnt(ranker)
 
     def boom(*a, **kw):
         raise RuntimeError("broken")
@@ -202,6 +219,7 @@ async def test_knowledge_model_loaded_swapped_and_refused(tmp_path):
     assert ranker.model_name == "default/v1" and ranker.model_version == "v1"
     for ev in events[50:]:
         ranker.follower._deliver(ev)
+    await _learnt(ranker)
     ref = _reference(events, model=load_knowledge(root / "default" / "v1", items))
     ts = events[-1].event_time + 60
     for user in ("u0", "u3", "u7"):
@@ -224,3 +242,32 @@ async def test_knowledge_model_loaded_swapped_and_refused(tmp_path):
     assert (await ranker.rank(_req("u0", t=ts))).model_version == "default/v3"
     (root / "default" / "ACTIVE").write_text("v3")
     assert await ranker.check_model() is False
+
+
+async def test_requests_are_ranked_between_chunks_of_a_backlog(tmp_path):
+    """A burst of events is learnt in chunks with the event loop yielded between them: a request that
+    arrives meanwhile is ranked (by the policy, not the fallback) before the burst is all learnt, and
+    the burst ends learnt in order (the same lists as one-by-one observation)."""
+    from driftrec.streams.policy_ranker import LEARN_CHUNK
+
+    app, ranker = _make(tmp_path)
+    await ranker.start()
+    await _learnt(ranker)
+    events = _events(20 * LEARN_CHUNK, seed=3)
+    task = asyncio.create_task(ranker.learn_loop())
+    try:
+        for ev in events:
+            ranker.follower._deliver(ev)
+        await asyncio.sleep(0)  # the learning task takes its first chunk
+        ranked = await ranker.rank(_req("u4", k=5))
+        backlog = len(ranker._pending)
+        assert not ranked.fallback and 0 < backlog < len(events)
+        while ranker._pending:
+            await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert ranker.observed == len(events)
+    ts = events[-1].event_time + 60
+    ref = _reference(events)
+    assert [i.item_id for i in (await ranker.rank(_req("u4", k=8, t=ts))).items] == [i for i, _ in ref.recommend("u4", 8, ts)]

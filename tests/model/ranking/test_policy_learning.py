@@ -1,0 +1,117 @@
+"""How the ranking policy learns, on a small synthetic world with a real (tiny) knowledge model:
+
+* ``observe_many`` (the knowledge model's forwards batched) gives bit-for-bit what observing the events
+  one by one gives: the same fusion weights and the same lists;
+* a batched user vector equals the one-user forward to the bit (the length buckets);
+* the hard-pool schedule: the whole catalogue is ranked at one of every ``hard_pool_every`` learning
+  positives of a user, whatever is ranked in between;
+* ``learn_fraction``: a stable share of positives is learnt, the same pairs in every run.
+"""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from driftrec.model.evaluation.world import World
+from driftrec.model.knowledge.seqrec import KnowledgeTrainer
+from driftrec.model.ranking.policy import PolicyConfig, RankingPolicy
+
+
+def _rating(ev):
+    r = getattr(ev, "rating", None)
+    return None if r is None else float(r)
+
+
+@pytest.fixture(scope="module")
+def world():
+    w = World(n_users=40, n_items=120, seed=5)
+    items = {it.item_id: it for it in w.items}
+    events = [(e.user_id, e.item_id, _rating(e), e.event_time) for e in w.events(1600)]
+    torch.manual_seed(0)
+    hist: dict[str, list] = {}
+    for u, i, r, _ in events[:600]:
+        hist.setdefault(u, []).append((i, 5.0 if r is None else r))
+    trainer = KnowledgeTrainer(items, list(items), text=False, dim=16, blocks=1, init_epochs=2)
+    trainer.fit(list(hist.items()), initial=True)
+    return items, events, trainer.model()
+
+
+def _policy(items, **cfg) -> RankingPolicy:
+    return RankingPolicy(PolicyConfig(**cfg), items, list(items))
+
+
+@pytest.mark.parametrize("cfg", [dict(hard_pool_every=1, learn_fraction=1.0), dict(hard_pool_every=3, learn_fraction=0.5)])
+def test_observe_many_is_observe_one_by_one(world, cfg):
+    items, events, model = world
+    warm = _policy(items, **cfg)
+    for ev in events[:600]:
+        warm.observe(*ev)
+    warm.set_model(model)
+    one, many = pickle.loads(pickle.dumps(warm)), pickle.loads(pickle.dumps(warm))
+    for ev in events[600:]:
+        one.observe(*ev)
+    batched = 0
+    for a in range(0, 1000, 97):  # blocks that do not divide the stream evenly
+        block = events[600 + a:600 + a + 97]
+        batched += many.prefetch(block)
+        for ev in block:
+            many.observe(*ev)
+    assert batched > 50  # the forwards were batched ...
+    assert one.corrector.n_learned == many.corrector.n_learned > 0
+    assert one.corrector.weights() == many.corrector.weights()  # ... and nothing changed, to the bit
+    ts = events[-1][3] + 60
+    for user in sorted(one.hist)[:20]:
+        assert one.recommend(user, 10, ts) == many.recommend(user, 10, ts)
+
+
+def test_batched_user_vectors_are_the_one_user_forward(world):
+    items, events, model = world
+    rng = np.random.default_rng(0)
+    ids = list(items)
+    histories = [[ids[j] for j in rng.integers(0, len(ids), size=n)] for n in (1, 3, 7, 8, 15, 16, 31, 33, 49, 60, 120)]
+    batch = model.user_vectors(histories)
+    for h, row in zip(histories, batch):
+        assert torch.equal(model.user_vector(h), row)
+    rows = model.score_items_many(histories, [[5.0] * len(h) for h in histories], ids)
+    for h, row in zip(histories, rows):
+        assert np.array_equal(model.score_items(h, [5.0] * len(h), ids), row)
+
+
+def test_hard_pool_is_ranked_at_every_nth_learning_positive_of_the_user(world, monkeypatch):
+    items, events, _ = world
+    calls: list[str] = []
+    policies = {}
+    for every in (1, 4):
+        p = _policy(items, hard_pool_every=every)
+        real = p.score_all
+        monkeypatch.setattr(p, "score_all", lambda u, ts, real=real: (calls.append(u), real(u, ts))[1])
+        calls.clear()
+        for ev in events[:800]:
+            p.observe(*ev)
+        policies[every] = (len(calls), p.corrector.n_learned // (2 * p.cfg.negatives))
+        assert policies[every][1] > 100
+    (ranked1, groups1), (ranked4, groups4) = policies[1], policies[4]
+    assert ranked1 == groups1  # every learning positive ranks the catalogue
+    assert groups4 / 4 <= ranked4 <= groups4 / 4 + 40  # one in four, plus each user's first (40 users)
+
+
+def test_learn_fraction_is_a_stable_share(world):
+    items, events, _ = world
+    full, quarter = _policy(items, learn_fraction=1.0), _policy(items, learn_fraction=0.25)
+    again = _policy(items, learn_fraction=0.25)
+    for ev in events[:800]:
+        full.observe(*ev)
+        quarter.observe(*ev)
+        again.observe(*ev)
+    share = quarter.corrector.n_learned / full.corrector.n_learned
+    assert 0.15 < share < 0.35
+    assert quarter.corrector.weights() == again.corrector.weights()
+    assert quarter.learns_from("u1", "m9") == again.learns_from("u1", "m9")
+    with pytest.raises(ValueError):
+        PolicyConfig(learn_fraction=0.0)
+    with pytest.raises(ValueError):
+        PolicyConfig(hard_pool_every=0)
