@@ -30,13 +30,13 @@ snapshot + policy), ``warm_s``, ``rss_mb`` (VmRSS after warming) and ``rss_peak_
 ``policy.recommend(user, 10, ts)`` for 300 warm users drawn without replacement (after 20 warm-up
 requests): ``rank_p50_ms`` / ``rank_p99_ms``.
 
-The policy's two item-kNN sources (:class:`~driftrec.model.ranking.sources.ItemKNNSource`) hold a dense
-float32 co-visitation matrix each, whose capacity doubles from 16 (100k items: 131,072^2 x 4 B = 69 GB
-each). Where the two would not fit in MemAvailable (``--knn auto``, the default) the size is run with the
-kNN sources replaced by ones without a matrix, scoring zeros (``"knn": "zero"``, with ``knn_alloc_gb``,
-the dense allocation it would need); its ``rank_*`` keys are then absent (not measured) and
-``rank_p50_ms_no_knn`` / ``rank_p99_ms_no_knn`` say what the rest of ``recommend`` costs. Where the dense
-matrices fit, those two keys are measured too, on the same warmed state with the kNN scores zeroed.
+The policy's two item-kNN sources (:class:`~driftrec.model.ranking.sources.ItemKNNSource`) keep their
+co-visitation counts in a dense float32 matrix up to ``dense_max_items`` (8,192) items and in a sparse
+store (CSR + append buffer) beyond, so every size builds the engine as the worker does
+(``"knn": "dense"`` or ``"sparse"``; ``knn_store_mb``: what the two stores hold after warming).
+``rank_p50_ms_no_knn`` / ``rank_p99_ms_no_knn`` are measured too, on the same warmed state with the kNN
+scores zeroed: what the rest of ``recommend`` costs. ``--knn zero`` runs with kNN sources that hold no
+counts at all (the ``rank_*`` keys are then absent).
 
 **User scale** (U = 10,000, 100,000, 1,000,000 users). The same policy over a 2,000-item catalogue; 2·U
 interactions (every user at least one, random users for the rest, Zipf items, timestamps increasing)
@@ -95,29 +95,6 @@ def proc_status_mb(field: str = "VmRSS") -> float:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024.0
     return float("nan")
-
-
-def mem_available_bytes() -> int:
-    with open("/proc/meminfo") as fh:
-        for line in fh:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-
-
-def knn_capacity(n_items: int) -> int:
-    """The row count :class:`ItemKNNSource` allocates for ``n_items`` added one by one (doubling from 16)."""
-    cap = 0
-    while cap < n_items:
-        cap = max(2 * cap, 16)
-    return cap
-
-
-def knn_alloc_bytes(n_items: int) -> int:
-    """What the policy's two dense item-kNN matrices allocate (float32, capacity^2 each)."""
-    return 2 * 4 * knn_capacity(n_items) ** 2
 
 
 def synthetic_text_vectors(texts, model_path=None, device=None) -> np.ndarray:
@@ -262,8 +239,7 @@ def one_catalogue(n_items: int, policy_cfg: dict, *, knn: str = "auto", profile:
     import torch
 
     torch.set_num_threads(1)
-    need = knn_alloc_bytes(n_items)
-    dense = knn == "dense" or (knn == "auto" and need <= mem_available_bytes())
+    dense = knn != "zero"  # "dense" here: a real store (dense or sparse, as the source picks by size)
     rng = np.random.default_rng(n_items)
     users, items, ratings = synthetic_events(rng, WARM_USERS, WARM_EVENTS, n_items)
     ts = 1.7e9 + 5.0 * np.arange(len(users))
@@ -282,7 +258,9 @@ def one_catalogue(n_items: int, policy_cfg: dict, *, knn: str = "auto", profile:
     out: dict[str, Any] = {
         "items": n_items, "users": WARM_USERS, "events": int(len(users)), "build_s": build_s, "warm_s": warm_s,
         "rss_mb": proc_status_mb("VmRSS"), "rss_peak_mb": proc_status_mb("VmHWM"),
-        "knn": "dense" if dense else "zero", "knn_alloc_gb": need / 1e9, "text_vectors": "synthetic",
+        "knn": ("sparse" if policy.state.knn.sparse else "dense") if dense else "zero",
+        "knn_store_mb": (policy.state.knn.nbytes() + policy.state.knn_seq.nbytes()) / 1e6 if dense else 0.0,
+        "text_vectors": "synthetic",
         "fusion": "observed_tail", "fusion_examples": policy.corrector.n_learned,
         "features": len(policy.feature_names), "requests": REQUESTS,
     }
@@ -402,9 +380,9 @@ def plot(result: dict[str, Any], png: str | Path) -> Path:
     x2, y2 = series(cat, "rank_p99_ms_no_knn")
     a.plot(x2, y2, "s--", label="p99 with item-kNN scores zeroed")
     for n, v in cat.items():
-        if isinstance(v, dict) and v.get("knn") == "zero":
-            a.annotate(f"dense kNN needs {v.get('knn_alloc_gb', 0):.0f} GB:\nnot measured", (int(n), 0),
-                       xycoords=("data", "axes fraction"), xytext=(-60, 12), textcoords="offset points", fontsize=8)
+        if isinstance(v, dict) and v.get("knn"):
+            a.annotate(f"kNN {v['knn']}", (int(n), v.get("rank_p99_ms") or 0), xytext=(4, 4),
+                       textcoords="offset points", fontsize=8)
     a.axhline(100, color="grey", lw=0.8, ls=":", label="target 100 ms")
     a.set_xscale("log")
     a.set_xlabel("catalogue items")
@@ -431,8 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--one", help="measure one size in this process: catalogue:N or users:U (prints one JSON line)")
     p.add_argument("--policy", help="PolicyConfig as JSON (default: from the settings)")
     p.add_argument("--config", help="YAML settings file")
-    p.add_argument("--knn", choices=("auto", "dense", "zero"), default="auto",
-                   help="item-kNN sources: dense (as built), zero (no matrix), auto: dense where it fits in memory")
+    p.add_argument("--knn", choices=("auto", "zero"), default="auto",
+                   help="item-kNN sources: auto (as built: dense up to 8,192 items, sparse beyond), zero (no counts)")
     p.add_argument("--catalogue", default=",".join(map(str, CATALOGUE_SIZES)), help="catalogue sizes")
     p.add_argument("--users", default=",".join(map(str, USER_SIZES)), help="user counts")
     p.add_argument("--repeats", type=int, default=1)

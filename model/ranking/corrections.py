@@ -83,6 +83,70 @@ class RiverCorrector(Corrector):
         logit = Z @ w + float(parts[1].intercept)
         return 1.0 / (1.0 + np.exp(-np.clip(logit, -50, 50)))
 
+    def learn_group(self, X: np.ndarray, names: Sequence[str]) -> None:
+        """The pairwise updates of :meth:`Corrector.learn_group`, applied for the default pipeline in plain
+        float arithmetic on River's own state (the scaler's counts, means and variances, the regression's
+        weights, intercept and iteration count; the same update order as ``Pipeline.learn_one``: the
+        scaler learns, then the model learns on the re-standardised example), with the drift monitor fed
+        the same errors. A River pipeline call costs ~75 us an example; this does the twelve of a group in
+        a fraction of that. Equal to River's own path up to float summation order (test)."""
+        parts = self._linear_parts()
+        if parts is None or not self._plain(parts):
+            return super().learn_group(X, names)
+        scaler, lr = parts
+        X = np.asarray(X, dtype=np.float64)
+        counts, means, vars_ = scaler.counts, scaler.means, scaler.vars
+        W = lr._weights
+        current = W.to_dict()
+        w = [current.get(n, 0.0) for n in names]
+        b = lr.intercept
+        opt = lr.optimizer
+        l2, clip = lr.l2, lr.clip_gradient
+        cnt = [counts[n] for n in names]
+        mu = [means[n] for n in names]
+        var = [vars_[n] for n in names]
+        monitor = self.monitor
+        ilr = lr.intercept_lr
+        x0 = X[0].tolist()
+        for r in range(1, len(X)):
+            d = [a - c for a, c in zip(x0, X[r].tolist())]
+            for x, y in ((d, 1), ([-v for v in d], 0)):
+                # predict_one before learning (the error the drift monitor watches)
+                raw = sum([wj * ((xj - m) / v ** 0.5) for wj, xj, m, v in zip(w, x, mu, var) if v]) + b
+                err = abs(y - _sigmoid(raw))
+                # the scaler learns (StandardScaler.learn_one), then the regression on the new standardisation
+                cnt = [c + 1 for c in cnt]
+                new_mu = [m + (xj - m) / c for m, xj, c in zip(mu, x, cnt)]
+                var = [v + ((xj - m) * (xj - nm) - v) / c for v, xj, m, nm, c in zip(var, x, mu, new_mu, cnt)]
+                mu = new_mu
+                z = [(xj - m) / v ** 0.5 if v else 0.0 for xj, m, v in zip(x, mu, var)]
+                raw = sum([wj * zj for wj, zj in zip(w, z)]) + b
+                g = _log_gradient(y, raw)
+                g = max(-clip, min(clip, g))
+                b -= ilr.get(opt.n_iterations) * g
+                step = opt.learning_rate
+                if l2:
+                    w = [wj - step * (zj * g + wj * l2) for wj, zj in zip(w, z)]
+                else:
+                    w = [wj - step * (zj * g) for wj, zj in zip(w, z)]
+                opt.n_iterations += 1
+                self.n_learned += 1
+                monitor.update(err)
+        for j, n in enumerate(names):
+            counts[n], means[n], vars_[n] = cnt[j], mu[j], var[j]
+            W[n] = w[j]
+        lr.intercept = b
+
+    @staticmethod
+    def _plain(parts) -> bool:
+        """The default pipeline's exact shape: no window, standard deviation on, plain SGD, log loss, no L1."""
+        from river import optim
+
+        scaler, lr = parts
+        return (scaler.window_size is None and scaler.with_std and type(lr.optimizer) is optim.SGD
+                and type(lr.loss) is optim.losses.Log and not lr.l1 and lr.loss.weight_pos == 1.0
+                and lr.loss.weight_neg == 1.0)
+
     def weights(self) -> dict[str, float]:
         parts = self._linear_parts()
         return dict(parts[1].weights) if parts else {}
@@ -107,6 +171,26 @@ class RiverCorrector(Corrector):
         with np.errstate(divide="ignore", invalid="ignore"):
             Z = np.where(var > 0, (X - mean) / np.sqrt(np.where(var > 0, var, 1.0)), 0.0)
         return Z, w
+
+
+def _sigmoid(x: float) -> float:
+    """River's ``utils.math.sigmoid``."""
+    if x < -30:
+        return 0.0
+    if x > 30:
+        return 1.0
+    return 1 / (1 + math.exp(-x))
+
+
+def _log_gradient(y: int, raw: float) -> float:
+    """River's ``optim.losses.Log.gradient`` for y in {0, 1}, unit weights."""
+    y = -1 if y == 0 else 1
+    z = raw * y
+    if z > 18.0:
+        return math.exp(-z) * -y
+    if z < -18.0:
+        return float(-y)
+    return -y / (math.exp(z) + 1.0)
 
 
 class LinearBlendCorrector(Corrector):

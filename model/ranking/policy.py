@@ -219,8 +219,9 @@ class PolicyState:
                 F[:, 6] = self.Gn[idx] @ (ug / nrm)
         F[:, 7] = (self.n_pos[idx] + 1.0) / (self.n_int[idx] + 2.0)
         last_ts, first_ts = self.last_ts[idx], self.first_ts[idx]
-        F[:, 8] = np.where(np.isnan(last_ts), 12.0, np.log1p(np.maximum(ts - np.nan_to_num(last_ts), 0) / 3600.0))
-        F[:, 9] = np.where(np.isnan(first_ts), 0.0, np.log1p(np.maximum(ts - np.nan_to_num(first_ts), 0) / 86400.0))
+        # never-seen items have NaN times: NaN propagates through the arithmetic and np.where replaces it
+        F[:, 8] = np.where(np.isnan(last_ts), 12.0, np.log1p(np.maximum(ts - last_ts, 0) / 3600.0))
+        F[:, 9] = np.where(np.isnan(first_ts), 0.0, np.log1p(np.maximum(ts - first_ts, 0) / 86400.0))
         if nh:
             ys = self.years[[i for i, _ in hist[-20:]]]
             ys = ys[~np.isnan(ys)]

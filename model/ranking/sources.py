@@ -268,6 +268,7 @@ class ItemKNNSource(CandidateSource):
         self.dense_max_items = int(dense_max_items)
         self._store: _DenseCooc | _SparseCooc = _DenseCooc()
         self._n = np.zeros(0)
+        self._isc = np.zeros(0)  # 1 / sqrt(n) per item, 0 where n = 0
         super().__init__(item_ids)
 
     @property
@@ -286,7 +287,9 @@ class ItemKNNSource(CandidateSource):
         else:  # past the dense limit: convert once, then grow sparse
             self._store = _SparseCooc(store.cap, dense=store.C if store.cap else None)
             self._store.grow(cap)
-        self._n = np.concatenate([self._n, np.zeros(cap - len(self._n))]) if cap > len(self._n) else self._n
+        if cap > len(self._n):
+            self._n = np.concatenate([self._n, np.zeros(cap - len(self._n))])
+            self._isc = np.concatenate([self._isc, np.zeros(cap - len(self._isc))])
 
     def _learn(self, user, idx, rating, ts) -> None:
         hist = self._history.get(user)
@@ -298,6 +301,7 @@ class ItemKNNSource(CandidateSource):
                 w = np.float32(1.0)
             self._store.add(idx, h, w)
         self._n[idx] += 1.0
+        self._isc[idx] = 1.0 / math.sqrt(self._n[idx])
 
     def _user_profile(self, user: str) -> tuple[np.ndarray, np.ndarray]:
         hist = self._history.get(user) or []
@@ -311,9 +315,8 @@ class ItemKNNSource(CandidateSource):
         return h, w
 
     def _inv_sqrt_counts(self, idx: np.ndarray | None = None) -> np.ndarray:
-        n = self._n[: self.n_items] if idx is None else self._n[idx]
-        with np.errstate(divide="ignore"):
-            return np.where(n > 0, 1.0 / np.sqrt(np.where(n > 0, n, 1.0)), 0.0)
+        """``1 / sqrt(n_i)`` (0 for items never seen), kept up to date by ``_learn``."""
+        return self._isc[: self.n_items] if idx is None else self._isc[idx]
 
     def similarity_rows(self, rows: np.ndarray, cols: np.ndarray | None = None) -> np.ndarray:
         """Cosine-normalised similarities ``sim(rows, cols)`` (all items when ``cols`` is None)."""

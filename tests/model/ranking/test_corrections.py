@@ -144,3 +144,32 @@ def test_failing_callback_does_not_break_learning():
     for e in [0.0] * 1000 + [1.0] * 500:
         mon.update(e)
     assert mon.drift_count >= 1
+
+
+def test_river_corrector_group_fast_path_is_rivers_own_arithmetic():
+    """RiverCorrector.learn_group (plain floats on River's state) against the generic path through
+    River's Pipeline.learn_one, example by example: same scaler statistics, weights, intercept, iteration
+    count and drift detections (drift in the data halfway), up to float summation order."""
+    from driftrec.model.base import Corrector
+    from driftrec.model.ranking.corrections import RiverCorrector
+
+    rng = np.random.default_rng(0)
+    names = [f"f{j}" for j in range(14)]
+    fast = RiverCorrector(learning_rate=0.005, min_updates=50)
+    river = RiverCorrector(learning_rate=0.005, min_updates=50)
+    for t in range(3000):
+        X = rng.normal(size=(7, 14)) * rng.uniform(0.1, 5, size=14)
+        X[:, 3] = 1.0  # a constant feature: zero variance, standardised to 0
+        if t > 1500:
+            X[0] += 0.8
+        fast.learn_group(X, names)
+        Corrector.learn_group(river, X, names)
+    (fs, fl), (rs, rl) = fast._linear_parts(), river._linear_parts()
+    for n in names:
+        assert fast.weights()[n] == pytest.approx(river.weights()[n], rel=1e-9, abs=1e-12)
+        assert fs.means[n] == pytest.approx(rs.means[n], rel=1e-12) and fs.vars[n] == pytest.approx(rs.vars[n], rel=1e-12)
+    assert fl.intercept == pytest.approx(rl.intercept, abs=1e-12)
+    assert fl.optimizer.n_iterations == rl.optimizer.n_iterations == fast.n_learned == river.n_learned == 36000
+    assert fast.drift_count == river.drift_count > 0
+    X = rng.normal(size=(50, 14))
+    np.testing.assert_allclose(fast.predict_many(X, names), river.predict_many(X, names), rtol=1e-9)
