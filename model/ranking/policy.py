@@ -470,10 +470,16 @@ class RankingPolicy:
                     col = self.lm_nb.vectors[idx] @ self.lm_nb.user_vector(user)
                 parts.append(col[:, None])
             km_all = self.model_scores(user) if km is None else km
-            order = np.argsort(-km_all, kind="stable")
-            rank = np.empty(n_all)
-            rank[order] = np.arange(n_all)
-            parts.append(np.stack([km_all[idx], 1.0 / (1.0 + rank[idx] / 10.0)], axis=1))
+            if cols is None:
+                order = np.argsort(-km_all, kind="stable")
+                rank = np.empty(n_all)
+                rank[order] = np.arange(n_all)
+                rank = rank[idx]
+            else:  # a few columns: their stable-sort rank by counting, no sort of the catalogue
+                v = km_all[idx][:, None]
+                rank = ((km_all[None, :] > v).sum(axis=1)
+                        + ((km_all[None, :] == v) & (np.arange(n_all)[None, :] < idx[:, None])).sum(axis=1))
+            parts.append(np.stack([km_all[idx], 1.0 / (1.0 + rank / 10.0)], axis=1))
         if self.use_kg:
             parts.append(base[:, nb:nb + len(KG_FEATURES)])
         return np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]

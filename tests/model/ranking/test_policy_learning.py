@@ -115,3 +115,24 @@ def test_learn_fraction_is_a_stable_share(world):
         PolicyConfig(learn_fraction=0.0)
     with pytest.raises(ValueError):
         PolicyConfig(hard_pool_every=0)
+
+
+def test_features_of_some_columns_are_those_columns_of_the_whole_catalogue(world):
+    """The learning path computes features for a positive and its negatives only (the knowledge model's
+    rank by counting instead of a sort): they must be the whole-catalogue features of those items."""
+    items, events, model = world
+    p = _policy(items)
+    for ev in events[:700]:
+        p.observe(*ev)
+    p.set_model(model)
+    rng = np.random.default_rng(2)
+    ts = events[699][3] + 1
+    for user in sorted(p.hist)[:10]:
+        full = p.features(user, None, ts)
+        cols = rng.integers(0, len(p.item_ids), size=9)
+        cols[4] = cols[0]
+        some = p.features(user, cols, ts)
+        np.testing.assert_allclose(some, full[cols], rtol=1e-6, atol=1e-9)  # item-kNN sums in float32
+        for name in ("km", "km_rank"):
+            j = p.feature_names.index(name)
+            assert np.array_equal(some[:, j], full[cols, j])
