@@ -56,13 +56,21 @@ def _metric(port: int, name: str, having: str = "") -> float:
 
 
 async def _step(p, world, events, sent: dict[str, float], got: dict[str, float], tag: str, rate: float,
-                seconds: float, event_rate: float) -> dict[str, Any]:
-    """Offer ``rate`` requests/s for ``seconds`` with ``event_rate`` events/s beside them (open loop)."""
+                seconds: float, event_rate: float, metrics_port: int | None = None) -> dict[str, Any]:
+    """Offer ``rate`` requests/s for ``seconds`` with ``event_rate`` events/s beside them (open loop). With
+    ``metrics_port``, the ranking policy's learning backlog is read every second (its peak, its value at
+    the end of the step) and its learning rate over the step."""
     ids: list[str] = []
     t0 = time.monotonic()
     tick = 0.02  # 50 ticks a second: requests and events spread evenly over each second
     n = 0
+    backlog: list[float] = []
+    next_probe = t0
+    observed0 = _metric(metrics_port, "driftrec_ranking_observed_total") if metrics_port else 0.0
     while (elapsed := time.monotonic() - t0) < seconds:
+        if metrics_port and time.monotonic() >= next_probe:
+            next_probe += 1.0
+            backlog.append(await asyncio.to_thread(_metric, metrics_port, "driftrec_ranking_backlog"))
         due_requests = int(elapsed * rate) - len(ids)
         for _ in range(max(due_requests, 0)):
             t = time.time()
@@ -81,7 +89,12 @@ async def _step(p, world, events, sent: dict[str, float], got: dict[str, float],
     while time.monotonic() < deadline and any(i not in got for i in ids):
         await asyncio.sleep(0.1)
     lat = [got[i] * 1000 for i in ids if i in got]
-    return {"offered_rps": rate, "achieved_rps": len(ids) / offered_s, "requests": len(ids), "answered": len(lat),
+    learning = {}
+    if metrics_port:
+        observed = _metric(metrics_port, "driftrec_ranking_observed_total") - observed0
+        learning = {"backlog_peak": max(backlog, default=0.0), "backlog_end": _metric(metrics_port, "driftrec_ranking_backlog"),
+                    "learnt_per_s": observed / (time.monotonic() - t0)}
+    return {**learning, "offered_rps": rate, "achieved_rps": len(ids) / offered_s, "requests": len(ids), "answered": len(lat),
             "missing": len(ids) - len(lat), "events_per_s": n / offered_s, "p50_ms": pct(lat, 50),
             "p95_ms": pct(lat, 95), "p99_ms": pct(lat, 99), "mean_ms": statistics.fmean(lat) if lat else None}
 
@@ -112,11 +125,11 @@ async def _measure(settings: Settings, bootstrap: str, metrics_port: int, childr
             # answers of a short warm-up step (the ranker's first requests) are not measured
             events = world.events(10**9, seed=99)
             await _step(p, world, events, sent, got, "warm", 10, 5, 0)
-            onset = await _step(p, world, events, sent, got, "onset", 0, 10, event_rate)  # ingest alone first
-            main = await _step(p, world, events, sent, got, "main", rate, seconds, event_rate)
+            onset = await _step(p, world, events, sent, got, "onset", 0, 10, event_rate, metrics_port)  # ingest alone
+            main = await _step(p, world, events, sent, got, "main", rate, seconds, event_rate, metrics_port)
             stepped = []
             for r in steps:
-                s = await _step(p, world, events, sent, got, f"step{int(r)}", r, 10, event_rate)
+                s = await _step(p, world, events, sent, got, f"step{int(r)}", r, 10, event_rate, metrics_port)
                 stepped.append(s)
                 if s["missing"] or s["p99_ms"] is None or s["p99_ms"] > P99_BUDGET_MS:
                     break
@@ -131,6 +144,9 @@ async def _measure(settings: Settings, bootstrap: str, metrics_port: int, childr
         "e2e_background_events_per_s": main["events_per_s"], "answered": main["answered"],
         "requests": main["requests"], "e2e_max_rps_p99_250ms": max(ok, default=0.0), "steps": stepped,
         "onset_events_per_s": onset["events_per_s"],
+        # the policy learns every event in turn: a backlog that keeps growing means it does not keep up
+        "e2e_learning_backlog_peak": main.get("backlog_peak"), "e2e_learning_backlog_end": main.get("backlog_end"),
+        "e2e_learnt_events_per_s": main.get("learnt_per_s"),
     }
 
 

@@ -489,6 +489,19 @@ def model() -> dict[str, Any]:
         minimum=0,
         maximum=1,
     )
+    d.panel(
+        "Ranking policy: interactions waiting to be learnt",
+        [("max by (instance) (driftrec_ranking_backlog)", "{{instance}}")],
+        description="The policy learns every interaction in turn; a backlog that stays up means it does not "
+        "keep up with the event rate (alert DriftrecRankingLearningBehind).",
+        minimum=0,
+    )
+    d.panel(
+        "Ranking policy: interactions learnt / s",
+        [("sum by (instance) (rate(driftrec_ranking_observed_total[1m]))", "{{instance}}")],
+        unit="ops",
+        minimum=0,
+    )
     d.row("Online correction and drift")
     d.panel(
         "River correction error (windowed MAE)",

@@ -9,13 +9,15 @@
   ``app.catalogue.on_item`` -> ``policy.add_item``.
 * **Learning**: an :class:`~driftrec.core.followers.InteractionFollower` delivers every click (a
   positive, rating None) and rating of *every* worker, in topic order (one partition per topic keeps the
-  global order; with several, the order within each partition), into a queue. A learning task takes
+  global order; with several, the order within each partition), into a queue. A learning thread takes
   them in chunks of up to ``LEARN_CHUNK`` and hands each chunk to ``policy.observe_many`` (the knowledge
-  model's forwards batched, the same result as one by one), yielding the event loop between chunks so
-  that requests are ranked between them instead of waiting behind a whole fetch of events. Interactions
-  read before the policy exists wait in the queue; the ranker is ready once that first backlog is
-  learnt. ``driftrec_ranking_observed_total`` counts what was observed, ``driftrec_ranking_backlog``
-  what waits.
+  model's forwards batched, the same result as one by one) under the policy's lock. The thread uses
+  whatever CPU the event loop leaves idle, and Python's GIL hands the loop a turn every few milliseconds
+  when it has work, so ingest and requests are not queued behind a fetch of events and a request waits
+  for at most one chunk. When the policy learns slower than events arrive the backlog grows (requests
+  are still answered, from a state that lags): ``driftrec_ranking_backlog`` shows it. Interactions read
+  before the policy exists wait in the queue; the ranker is ready once that first backlog is learnt.
+  ``driftrec_ranking_observed_total`` counts what was observed.
 * **Knowledge graph** (``ranking.kg_path``, optional): loaded with the catalogue; its candidate source
   feeds the policy's graph features (the trainer puts the same graph in the model's objective).
 * **Knowledge model**: loaded from ``<model.adapter_dir>/knowledge/<model.default_domain>/<ACTIVE>``
@@ -28,9 +30,8 @@
   flagged popularity fallback (``driftrec_recommendation_fallbacks_total{reason="policy_error"}``), as
   before the policy is ready (``policy_not_ready``).
 
-Everything runs on the worker's event loop thread (the follower's callbacks, the learning task, the
-stage's ``rank``), so the policy sees no concurrent mutation; only file reads and checkpoint loading go
-to a thread.
+The policy is touched by the event loop thread (new items, model swaps, ``rank``) and by the learning
+thread, always under ``self.lock``; file reads and checkpoint loading go to a worker thread.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import sys
+import threading
 from collections import OrderedDict, deque
 from typing import TYPE_CHECKING, Any
 
@@ -52,7 +55,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 COLLABORATIVE = "collaborative"  # model_version when no knowledge model serves
-LEARN_CHUNK = 64  # interactions learnt between two turns of the event loop
+SWITCH_INTERVAL_S = 0.0005
+LEARN_CHUNK = 16  # interactions per observe_many call under the lock (their knowledge-model forwards batched)
 
 # feature -> the reason group it speaks for
 _GROUPS = {
@@ -89,7 +93,9 @@ class PolicyRanker(Ranker):
         self.model_name = COLLABORATIVE
         self._rejected: str | None = None  # the version last refused (not retried until ACTIVE changes)
         self._pending: deque[Click | Rating] = deque()  # delivered, not learnt yet
-        self._wake = asyncio.Event()
+        self._wake = threading.Event()
+        self.lock = threading.RLock()  # the policy's: the learning thread and the event loop take turns
+        self._learner: threading.Thread | None = None
         self._live = False  # the policy exists and the first backlog is learnt
         self.observed = 0
         self.shown: OrderedDict[str, dict[str, int]] = OrderedDict()
@@ -101,11 +107,7 @@ class PolicyRanker(Ranker):
         async def run_policy_ranker() -> None:
             await self.run()
 
-        async def run_policy_learning() -> None:
-            await self.learn_loop()
-
         app.task(run_policy_ranker)
-        app.task(run_policy_learning)
 
     # -- start-up and the model watch ---------------------------------------------------------------
     async def run(self) -> None:
@@ -131,7 +133,7 @@ class PolicyRanker(Ranker):
         model = await self._load_active()
         graph = await asyncio.to_thread(self._load_graph)
         self.build(model, graph)
-        self._wake.set()
+        self.start_learning()
 
     def _load_graph(self):
         """``ranking.kg_path``'s graph as the policy's candidate source (None without one)."""
@@ -155,36 +157,49 @@ class PolicyRanker(Ranker):
         log.info("ranking policy built: %d items, model %s%s", len(items), self.model_name,
                  ", knowledge graph" if graph is not None else "")
 
-    async def learn_loop(self) -> None:
-        """Learn the queued interactions in order, ``LEARN_CHUNK`` at a time, yielding between chunks; the
-        ranker goes live when the backlog found at start is learnt."""
+    def start_learning(self) -> None:
+        """Start the learning thread (once)."""
+        if self._learner is None:
+            # the GIL passes between the threads every SWITCH_INTERVAL_S instead of Python's 5 ms: an event
+            # loop woken by I/O then waits at most that long for the learning thread to let it run
+            sys.setswitchinterval(SWITCH_INTERVAL_S)
+            self._learner = threading.Thread(target=self._learn_forever, name="driftrec-policy-learning", daemon=True)
+            self._learner.start()
+        self._wake.set()
+
+    def _learn_forever(self) -> None:
+        """The learning thread: learn the queued interactions in order, ``LEARN_CHUNK`` at a time."""
         while True:
-            await self._wake.wait()
+            self._wake.wait()
             self._wake.clear()
-            while self.policy is not None and self._pending:
-                self.learn_chunk()
+            while self._pending:
+                try:
+                    self.learn_chunk()
+                except Exception:  # noqa: BLE001 - learning must go on
+                    log.exception("the ranking policy's learning failed")
                 metrics.RANKING_BACKLOG.set(len(self._pending))
-                await asyncio.sleep(0)  # requests queued meanwhile are ranked now
-            if self.policy is not None:
-                self._live = True
+            self._live = True
 
     def learn_chunk(self) -> int:
         """Observe the next (up to) ``LEARN_CHUNK`` queued interactions (``policy.observe_many``)."""
-        chunk = [self._pending.popleft() for _ in range(min(LEARN_CHUNK, len(self._pending)))]
+        chunk = []
+        while self._pending and len(chunk) < LEARN_CHUNK:
+            chunk.append(self._pending.popleft())
         events = [(ev.user_id, ev.item_id, float(ev.rating) if isinstance(ev, Rating) else None, ev.event_time)
                   for ev in chunk]
-        try:
-            self.policy.observe_many(events)
-        except Exception:  # noqa: BLE001 - one bad chunk must not stop learning: learn its events one by one
-            log.exception("the ranking policy failed on a chunk of events; observing them one by one")
-            for ev in chunk:
-                self._observe(ev)
-            return len(chunk)
-        for ev, (_, _, rating, _) in zip(chunk, events):
-            if rating is None or rating >= 3:  # the fallback's popularity, from every worker's events
-                self.popularity.learn_one(ev.user_id, ev.item_id, rating, ev.event_time)
-        self.observed += len(chunk)
-        metrics.RANKING_OBSERVED.inc(len(chunk))
+        with self.lock:
+            try:
+                self.policy.observe_many(events)
+            except Exception:  # noqa: BLE001 - one bad chunk must not stop learning: learn its events one by one
+                log.exception("the ranking policy failed on a chunk of events; observing them one by one")
+                for ev in chunk:
+                    self._observe(ev)
+                return len(chunk)
+            for ev, (_, _, rating, _) in zip(chunk, events):
+                if rating is None or rating >= 3:  # the fallback's popularity, from every worker's events
+                    self.popularity.learn_one(ev.user_id, ev.item_id, rating, ev.event_time)
+            self.observed += len(chunk)
+            metrics.RANKING_OBSERVED.inc(len(chunk))
         return len(chunk)
 
     async def _load_active(self):
@@ -232,7 +247,8 @@ class PolicyRanker(Ranker):
         model = await self._load(version)
         if model is None:
             return False
-        self.policy.set_model(model)
+        with self.lock:
+            self.policy.set_model(model)
         self.model_name = model.version
         log.info("knowledge model %s now serving", model.version)
         return True
@@ -241,7 +257,12 @@ class PolicyRanker(Ranker):
     def _on_item(self, item: Item) -> None:
         if self.policy is not None:
             kept = self.app.catalogue.items.get(item.item_id, item)  # an older entry replayed: keep the newer
-            self.policy.add_item(kept.item_id, kept)
+            with self.lock:
+                self.policy.add_item(kept.item_id, kept)
+
+    def fallback(self, req: RecommendationRequest, reason: str = "popular right now") -> Ranked:
+        with self.lock:  # the learning thread updates the fallback's popularity
+            return super().fallback(req, reason)
 
     def _on_interaction(self, ev: Click | Rating) -> None:
         self._pending.append(ev)
@@ -289,9 +310,10 @@ class PolicyRanker(Ranker):
             metrics.FALLBACKS.labels(reason="policy_not_ready").inc()
             return self.fallback(req, reason="popular right now (ranking is starting)")
         try:
-            top = policy.recommend(req.user_id, req.k, ts=req.event_time, exclude_seen=req.exclude_seen,
-                                   candidates=req.candidates or None)
-            reasons = self.reasons(req.user_id, [i for i, _ in top], req.event_time)
+            with self.lock:  # at most one chunk of learning to wait for
+                top = policy.recommend(req.user_id, req.k, ts=req.event_time, exclude_seen=req.exclude_seen,
+                                       candidates=req.candidates or None)
+                reasons = self.reasons(req.user_id, [i for i, _ in top], req.event_time)
         except Exception:  # noqa: BLE001 - the request is still answered
             log.exception("the ranking policy failed on a request")
             metrics.FALLBACKS.labels(reason="policy_error").inc()

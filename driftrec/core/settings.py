@@ -336,10 +336,10 @@ class RankingSettings(_Section):
     knn_max_history: int = Field(default=60, ge=1)
     negatives: int = Field(default=6, ge=1, le=1000, description="negatives per positive for the fusion")
     hard_pool: int = Field(default=50, ge=1, le=100_000)
-    hard_pool_every: int = Field(default=4, ge=1, le=1000, description=(
+    hard_pool_every: int = Field(default=1, ge=1, le=1000, description=(
         "rank the whole catalogue for a user's hard negatives at every n-th of their learning positives "
         "(the pool is reused in between)"))
-    learn_fraction: float = Field(default=0.25, gt=0, le=1, description=(
+    learn_fraction: float = Field(default=1.0, gt=0, le=1, description=(
         "the share of learning positives the fusion learns from, picked by a stable hash of (user, item): "
         "the same ones in the replay and in the worker"))
     corrector_lr: float = Field(default=0.005, gt=0, lt=10)

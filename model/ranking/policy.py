@@ -50,8 +50,8 @@ class PolicyConfig:
     knn_max_history: int = 60
     negatives: int = 6
     hard_pool: int = 50
-    hard_pool_every: int = 4
-    learn_fraction: float = 0.25
+    hard_pool_every: int = 1
+    learn_fraction: float = 1.0
     corrector_lr: float = 0.005
     corrector_min_updates: int = 2000
     cold_threshold: int = 5

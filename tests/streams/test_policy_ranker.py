@@ -86,17 +86,14 @@ def _make(tmp_path, **ranking):
 
 
 async def _learnt(ranker, timeout: float = 60.0) -> None:
-    """Run the ranker's learning task until everything delivered is learnt (and the ranker is live)."""
-    task = asyncio.create_task(ranker.learn_loop())
-    try:
-        ranker._wake.set()
-        deadline = asyncio.get_running_loop().time() + timeout
-        while ranker._pending or not ranker._live:
-            assert asyncio.get_running_loop().time() < deadline, "the learning task did not catch up"
-            await asyncio.sleep(0.01)
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+    """Let the ranker's learning thread learn everything delivered (and the ranker go live)."""
+    ranker.start_learning()
+    deadline = asyncio.get_running_loop().time() + timeout
+    while ranker._pending or not ranker._live:
+        assert asyncio.get_running_loop().time() < deadline, "the learning thread did not catch up"
+        await asyncio.sleep(0.01)
+    with ranker.lock:  # the last chunk is done
+        pass
 
 
 def _req(user, k=5, t=None, **kw):
@@ -244,29 +241,23 @@ async def test_knowledge_model_loaded_swapped_and_refused(tmp_path):
     assert await ranker.check_model() is False
 
 
-async def test_requests_are_ranked_between_chunks_of_a_backlog(tmp_path):
-    """A burst of events is learnt in chunks with the event loop yielded between them: a request that
-    arrives meanwhile is ranked (by the policy, not the fallback) before the burst is all learnt, and
+async def test_requests_are_ranked_while_a_backlog_is_learnt(tmp_path):
+    """A burst of events is learnt by the learning thread in chunks under the policy's lock: a request
+    that arrives meanwhile is ranked (by the policy, not the fallback) without waiting for the burst, and
     the burst ends learnt in order (the same lists as one-by-one observation)."""
     from driftrec.streams.policy_ranker import LEARN_CHUNK
 
     app, ranker = _make(tmp_path)
     await ranker.start()
     await _learnt(ranker)
-    events = _events(20 * LEARN_CHUNK, seed=3)
-    task = asyncio.create_task(ranker.learn_loop())
-    try:
-        for ev in events:
-            ranker.follower._deliver(ev)
-        await asyncio.sleep(0)  # the learning task takes its first chunk
-        ranked = await ranker.rank(_req("u4", k=5))
-        backlog = len(ranker._pending)
-        assert not ranked.fallback and 0 < backlog < len(events)
-        while ranker._pending:
-            await asyncio.sleep(0.01)
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+    events = _events(100 * LEARN_CHUNK, seed=3)
+    for ev in events:
+        ranker.follower._deliver(ev)
+    await asyncio.sleep(0.05)  # the thread is at work
+    ranked = await ranker.rank(_req("u4", k=5))
+    backlog = len(ranker._pending)
+    assert not ranked.fallback and 0 < backlog < len(events)
+    await _learnt(ranker)
     assert ranker.observed == len(events)
     ts = events[-1].event_time + 60
     ref = _reference(events)

@@ -1,0 +1,104 @@
+"""``python -m driftrec.bench.learning``: how fast the ranking policy learns, per learning setting.
+
+The worker's ranking policy learns every interaction of every worker on its event loop, so its learning
+rate bounds the event rate a worker follows. This measures it in one process, one torch and one BLAS
+thread (as the worker runs it): the e2e benchmark's synthetic world (200 users, 400 items, seed 11), a
+policy warmed with 3,000 interactions, a knowledge model trained on them (``KnowledgeTrainer``, text on,
+no graph), then 6,000 more interactions through ``RankingPolicy.observe_many`` in chunks of 64 (what the
+worker does) -> ``events_per_s``; ``one_by_one_events_per_s`` is ``observe`` per event (no batched
+forwards). Each setting of (``hard_pool_every``, ``learn_fraction``) in ``--settings`` starts from the
+same warmed state. The quality side of the same settings comes from ``driftrec evaluate`` (README).
+
+``python -m driftrec.bench.learning --json bench/results/learning.json``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import platform
+import time
+from typing import Any
+
+SETTINGS = ((1, 1.0), (2, 1.0), (4, 1.0), (4, 0.5), (4, 0.25))
+
+
+def _world():
+    from driftrec.bench.e2e import _world as e2e_world
+
+    return e2e_world()
+
+
+def run(settings=SETTINGS, events: int = 6000, chunk: int = 64) -> dict[str, Any]:
+    import torch
+
+    from driftrec.model.knowledge.seqrec import KnowledgeTrainer
+    from driftrec.model.ranking.policy import PolicyConfig, RankingPolicy
+
+    torch.set_num_threads(1)
+    w = _world()
+    items = {it.item_id: it for it in w.items}
+    ids = list(items)
+    stream = [(e.user_id, e.item_id, None if getattr(e, "rating", None) is None else float(e.rating), e.event_time)
+              for e in w.events(3000 + events)]
+    warm, rest = stream[:3000], stream[3000:]
+    base = RankingPolicy(PolicyConfig(), items, ids)
+    for ev in warm:
+        base.observe(*ev)
+    trainer = KnowledgeTrainer(items, ids)
+    trainer.fit(list(base.histories()), initial=True)
+    model = trainer.model()
+    snapshot = pickle.dumps(base)
+    out = []
+    for every, fraction in settings:
+        row: dict[str, Any] = {"hard_pool_every": every, "learn_fraction": fraction}
+        for mode in ("batched", "one_by_one"):
+            p = pickle.loads(snapshot)
+            p.cfg = PolicyConfig(hard_pool_every=every, learn_fraction=fraction)
+            p.set_model(model)
+            t0 = time.perf_counter()
+            if mode == "batched":
+                for a in range(0, len(rest), chunk):
+                    p.observe_many(rest[a:a + chunk])
+            else:
+                for ev in rest:
+                    p.observe(*ev)
+            dt = time.perf_counter() - t0
+            row["events_per_s" if mode == "batched" else "one_by_one_events_per_s"] = len(rest) / dt
+            row["fusion_examples"] = p.corrector.n_learned
+        out.append(row)
+        print(json.dumps(row), flush=True)
+    return {"runs": out, "items": len(ids), "events": len(rest), "chunk": chunk,
+            "machine": {"cpu": _cpu(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                        "torch": torch.__version__},
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def _cpu() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    ap = argparse.ArgumentParser(prog="python -m driftrec.bench.learning", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--events", type=int, default=6000)
+    ap.add_argument("--json", help="write the result here")
+    a = ap.parse_args(argv)
+    result = run(events=a.events)
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(result, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
