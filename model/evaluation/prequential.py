@@ -62,6 +62,8 @@ class EvalConfig:
     windows: int = 10
     half_life_s: float = 2 * 86400.0
     negatives: int = 6
+    hard_pool_every: int = 1
+    learn_fraction: float = 1.0
     use_lm: bool = True  # the knowledge model (LM text + graph) takes part; False = collaborative features only
     lm_update_every: int = 10000  # events between warm-started retrainings of the sequence models
     model: dict = field(default_factory=dict)  # knowledge-model training overrides (see model.knowledge.seqrec)
@@ -105,6 +107,7 @@ class EvalConfig:
             positive_threshold=self.positive_threshold, half_life_s=self.half_life_s,
             knn_user_decay=self.knn_user_decay, knn_pair_decay=self.knn_pair_decay,
             knn_max_history=self.knn_max_history, negatives=self.negatives,
+            hard_pool_every=self.hard_pool_every, learn_fraction=self.learn_fraction,
             corrector_lr=self.corrector_lr, cold_threshold=self.cold_threshold, seed=self.seed)
 
 
@@ -671,6 +674,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma list of model baselines: {', '.join(MODEL_BASELINES)} ('' for none); popularity, "
                         "decayed popularity and item-kNN are always measured")
     p.add_argument("--half-life-days", type=float, default=EvalConfig.half_life_s / 86400.0)
+    p.add_argument("--hard-pool-every", type=int, default=EvalConfig.hard_pool_every,
+                   help="ranking.hard_pool_every: rank the catalogue for hard negatives at every n-th learning "
+                        "positive of a user (the worker's setting of the same name)")
+    p.add_argument("--learn-fraction", type=float, default=EvalConfig.learn_fraction,
+                   help="ranking.learn_fraction: the share of positives the fusion learns from")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: the per-event one-user forwards took 2.3 ms on two threads "
                         "of a busy 2-core machine vs 0.5 ms on one; about equal when idle; 0 = torch default)")
@@ -749,6 +757,8 @@ def _config(args) -> EvalConfig:
         ablate=tuple(a for a in args.ablate.split(",") if a),
         baselines=tuple(b for b in args.baselines.split(",") if b),
         half_life_s=args.half_life_days * 86400.0,
+        hard_pool_every=args.hard_pool_every,
+        learn_fraction=args.learn_fraction,
         threads=args.threads,
         fit_threads=args.fit_threads,
         cold_threshold=args.cold_threshold,
