@@ -1,15 +1,16 @@
 """``python -m driftrec.bench.learning``: how fast the ranking policy learns, per learning setting.
 
-The worker's ranking policy learns every interaction of every worker on its event loop, so its learning
-rate bounds the event rate a worker follows. This measures it in one process, one torch and one BLAS
+The worker's ranking policy learns every interaction of every worker (on its learning thread), so its
+learning rate bounds the event rate a worker follows. This measures it in one process, one torch and one BLAS
 thread (as the worker runs it): the e2e benchmark's synthetic world (200 users, 400 items, seed 11), a
 policy warmed with 3,000 interactions, a knowledge model trained on them (``KnowledgeTrainer``, text on,
-no graph), then 6,000 more interactions through ``RankingPolicy.observe_many`` in chunks of 64 (what the
-worker does) -> ``events_per_s``; ``one_by_one_events_per_s`` is ``observe`` per event (no batched
+no graph), then 6,000 more interactions through ``RankingPolicy.observe_many`` in chunks of
+``streams.policy_ranker.LEARN_CHUNK`` (16, what the worker's learning thread does) -> ``events_per_s``; ``one_by_one_events_per_s`` is ``observe`` per event (no batched
 forwards). Each setting of (``hard_pool_every``, ``learn_fraction``) in ``--settings`` starts from the
 same warmed state. The quality side of the same settings comes from ``driftrec evaluate`` (README).
 
-``python -m driftrec.bench.learning --json bench/results/learning.json``
+``python -m driftrec.bench.learning --json bench/results/learning.json`` (medians of ``--repeats``, 3 by
+default; also ``driftrec bench --only learning``).
 """
 
 from __future__ import annotations
@@ -19,10 +20,16 @@ import json
 import os
 import pickle
 import platform
+import sys
 import time
 from typing import Any
 
-SETTINGS = ((1, 1.0), (2, 1.0), (4, 1.0), (4, 0.5), (4, 0.25))
+PROFILES = ((1, 1.0), (2, 1.0), (4, 1.0), (4, 0.5), (4, 0.25))  # (hard_pool_every, learn_fraction)
+
+
+def key(every: int, fraction: float) -> str:
+    """The flat result key of one setting, e.g. ``learn_events_per_s_every1_frac1.0``."""
+    return f"learn_events_per_s_every{every}_frac{fraction}"
 
 
 def _world():
@@ -31,7 +38,16 @@ def _world():
     return e2e_world()
 
 
-def run(settings=SETTINGS, events: int = 6000, chunk: int = 64) -> dict[str, Any]:
+def run(settings=None, repeats: int = 1, *, profiles=PROFILES, events: int = 6000, chunk: int | None = None) -> list[dict[str, Any]]:
+    """``repeats`` runs (each: every profile from the same warmed state); one flat dict per run."""
+    if chunk is None:
+        from driftrec.streams.policy_ranker import LEARN_CHUNK
+
+        chunk = LEARN_CHUNK
+    return [_once(profiles, events, chunk) for _ in range(repeats)]
+
+
+def _once(profiles, events: int, chunk: int) -> dict[str, Any]:
     import torch
 
     from driftrec.model.knowledge.seqrec import KnowledgeTrainer
@@ -52,7 +68,7 @@ def run(settings=SETTINGS, events: int = 6000, chunk: int = 64) -> dict[str, Any
     model = trainer.model()
     snapshot = pickle.dumps(base)
     out = []
-    for every, fraction in settings:
+    for every, fraction in profiles:
         row: dict[str, Any] = {"hard_pool_every": every, "learn_fraction": fraction}
         for mode in ("batched", "one_by_one"):
             p = pickle.loads(snapshot)
@@ -70,7 +86,8 @@ def run(settings=SETTINGS, events: int = 6000, chunk: int = 64) -> dict[str, Any
             row["fusion_examples"] = p.corrector.n_learned
         out.append(row)
         print(json.dumps(row), flush=True)
-    return {"runs": out, "items": len(ids), "events": len(rest), "chunk": chunk,
+    flat = {key(r["hard_pool_every"], r["learn_fraction"]): r["events_per_s"] for r in out}
+    return {**flat, "profiles": out, "items": len(ids), "events": len(rest), "chunk": chunk,
             "machine": {"cpu": _cpu(), "cpus": os.cpu_count(), "python": platform.python_version(),
                         "torch": torch.__version__},
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -91,9 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     ap = argparse.ArgumentParser(prog="python -m driftrec.bench.learning", description=__doc__.split("\n\n")[0])
     ap.add_argument("--events", type=int, default=6000)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", help="write the result here")
     a = ap.parse_args(argv)
-    result = run(events=a.events)
+    import statistics
+
+    runs = run(repeats=a.repeats, events=a.events)
+    result = {k: statistics.median(r[k] for r in runs) for k in runs[0] if k.startswith("learn_events_per_s")}
+    result.update(runs=runs, repeats=a.repeats, command="python -m driftrec.bench.learning " + " ".join(sys.argv[1:] if argv is None else argv))
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(result, fh, indent=2)

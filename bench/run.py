@@ -33,6 +33,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "workers": ("driftrec.bench.workers", "pipeline throughput with 1 vs 2 Faust workers"),
     "scorer_fault": ("driftrec.bench.scorer_fault", "full-worker ingest with requests: a 5 s scorer vs one that answers at once"),
     "adapter_update": ("driftrec.bench.adapter_update", "trigger -> new adapter serving (train, gate, publish, swap)"),
+    "learning": ("driftrec.bench.learning", "how many interactions/s the ranking policy learns, per "
+                                            "(hard_pool_every, learn_fraction) setting"),
     "scale": ("driftrec.bench.scale", "the ranking policy's recommend p50/p99 and RSS vs catalogue size (2k-100k items), "
                                       "state ingest rate, RSS and bytes per user vs users (10k-1M)"),
 }

@@ -17,7 +17,7 @@ import pytest
 
 from driftrec.model.evaluation.world import World
 from driftrec.feature_store.reader import FeatureReader
-from tests.support import Proc, committed_offsets, env_for, produce_raw, read_json_topic, settings_for, wait_until
+from tests.support import Proc, committed_offsets, env_for, produce_raw, read_json_topic, scrape, settings_for, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -149,6 +149,14 @@ def _wait_equal(reader, truth, timeout, what, worker=None):
             return
         time.sleep(1.0)
     tail = worker.output()[-3000:] if worker is not None else ""
+    if worker is not None:  # where the stream stands, to tell a stall from a wrong value
+        try:
+            lines = [line for line in scrape(worker.metrics_port).splitlines()
+                     if line.startswith(("driftrec_events_ingested_total", "driftrec_consumer_",
+                                         "driftrec_feature_", "driftrec_stage_")) and "_bucket" not in line]
+            tail += "\nworker metrics:\n" + "\n".join(lines)[:6000]
+        except Exception as exc:  # noqa: BLE001 - the report must not hide the timeout
+            tail += f"\nworker metrics unavailable: {exc!r}"
     raise AssertionError(f"timed out after {timeout}s waiting for {what}; {len(last)} differences, "
                          f"first: {last[:8]}\n{tail}")
 

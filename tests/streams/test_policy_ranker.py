@@ -123,8 +123,9 @@ def test_engine_setting_picks_the_ranker(tmp_path, monkeypatch):
 
 def test_replay_and_worker_build_the_same_policy_config():
     assert EvalConfig().policy_config() == PolicyConfig.from_settings(RankingSettings()) == PolicyConfig()
-    cfg = EvalConfig(negatives=3, half_life_s=3600.0, seed=5)
-    assert cfg.policy_config() == PolicyConfig.from_settings(RankingSettings(negatives=3, half_life_s=3600.0, seed=5))
+    cfg = EvalConfig(negatives=3, half_life_s=3600.0, seed=5, hard_pool_every=3, learn_fraction=0.5)
+    assert cfg.policy_config() == PolicyConfig.from_settings(
+        RankingSettings(negatives=3, half_life_s=3600.0, seed=5, hard_pool_every=3, learn_fraction=0.5))
     with pytest.raises(ValueError):
         PolicyConfig.from_settings(knn_user_decay=2.0)
 
