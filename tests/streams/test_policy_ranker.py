@@ -8,6 +8,7 @@ and its checkpoints are the real ones.
 from __future__ import annotations
 
 import asyncio
+import threading
 import json
 
 import pytest
@@ -252,12 +253,27 @@ async def test_requests_are_ranked_while_a_backlog_is_learnt(tmp_path):
     await ranker.start()
     await _learnt(ranker)
     events = _events(100 * LEARN_CHUNK, seed=3)
+    # hold the learning thread between its 2nd and 3rd chunk (outside the lock), whatever the machine's speed
+    learn_chunk, done, go = ranker.learn_chunk, [], threading.Event()
+
+    def held_chunk():
+        n = learn_chunk()
+        done.append(n)
+        if len(done) == 2:
+            go.wait(30)
+        return n
+
+    ranker.learn_chunk = held_chunk
     for ev in events:
         ranker.follower._deliver(ev)
-    await asyncio.sleep(0.05)  # the thread is at work
+    for _ in range(500):  # the thread is at work: two chunks learnt, the rest waiting
+        if len(done) >= 2:
+            break
+        await asyncio.sleep(0.01)
     ranked = await ranker.rank(_req("u4", k=5))
     backlog = len(ranker._pending)
-    assert not ranked.fallback and 0 < backlog < len(events)
+    go.set()
+    assert not ranked.fallback and backlog == len(events) - 2 * LEARN_CHUNK
     await _learnt(ranker)
     assert ranker.observed == len(events)
     ts = events[-1].event_time + 60
