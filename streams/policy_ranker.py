@@ -10,20 +10,23 @@
 * **Learning**: an :class:`~driftrec.core.followers.InteractionFollower` delivers every click (a
   positive, rating None) and rating of *every* worker, in topic order (one partition per topic keeps the
   global order; with several, the order within each partition), into a queue. A learning thread takes
-  them in chunks of up to ``LEARN_CHUNK`` and hands each chunk to ``policy.observe_many`` (the knowledge
-  model's forwards batched, the same result as one by one) under the policy's lock. The thread uses
-  whatever CPU the event loop leaves idle, and Python's GIL hands the loop a turn every few milliseconds
-  when it has work, so ingest and requests are not queued behind a fetch of events and a request waits
-  for at most one chunk. When the policy learns slower than events arrive the backlog grows (requests
-  are still answered, from a state that lags): ``driftrec_ranking_backlog`` shows it. Interactions read
-  before the policy exists wait in the queue; the ranker is ready once that first backlog is learnt.
-  ``driftrec_ranking_observed_total`` counts what was observed.
+  them in chunks of up to ``LEARN_CHUNK`` under the policy's lock. With ``ranking.learner: process`` (the
+  default) it takes them into the policy's state only (``policy.follow_many``, ~0.03 ms an event) and
+  hands them, in order, to the learner process (:mod:`driftrec.streams.policy_learner`), which learns the
+  fusion on its own copy of the policy and sends it back after each batch (``policy.set_corrector``);
+  with ``thread`` it learns all of it here (``policy.observe_many``, the knowledge model's forwards
+  batched), on whatever CPU the event loop leaves (Python's GIL hands the loop a turn every
+  ``SWITCH_INTERVAL_S`` when it has work). Either way a request waits for at most one chunk. When the
+  policy learns slower than events arrive the backlog grows (requests are still answered, from a fusion
+  or state that lags): ``driftrec_ranking_backlog`` shows it. Interactions read before the policy exists
+  wait in the queue; the ranker is ready once that first backlog is learnt (its fusion back, with a
+  learner process). ``driftrec_ranking_observed_total`` counts what was learnt (fusion included).
 * **Knowledge graph** (``ranking.kg_path``, optional): loaded with the catalogue; its candidate source
   feeds the policy's graph features (the trainer puts the same graph in the model's objective).
 * **Knowledge model**: loaded from ``<model.adapter_dir>/knowledge/<model.default_domain>/<ACTIVE>``
   before the policy observes anything, and the ACTIVE pointer is re-read every
   ``ranking.model_watch_interval_s`` (file reads and loading in a thread); a new version is verified and
-  hot-swapped with ``policy.set_model``. A rejected checkpoint is logged and counted
+  hot-swapped with ``policy.set_model`` (and sent to the learner process in the events' order). A rejected checkpoint is logged and counted
   (``driftrec_checkpoint_rejections_total{reason}``) and the old model keeps serving.
 * **Ranking**: ``policy.recommend`` at the request's event time; reasons from the item's features
   (co-visitation, knowledge graph, the knowledge model's taste, popularity). Any exception -> the
@@ -96,8 +99,11 @@ class PolicyRanker(Ranker):
         self._wake = threading.Event()
         self.lock = threading.RLock()  # the policy's: the learning thread and the event loop take turns
         self._learner: threading.Thread | None = None
-        self._live = False  # the policy exists and the first backlog is learnt
-        self.observed = 0
+        self._live_at: int | None = None  # ready once this many events are learnt (the first backlog)
+        self.learner_mode = s.ranking.learner
+        self.learner = None  # the LearnerProcess with ranking.learner=process (None: learning in this process)
+        self.applied = 0  # events taken into the serving policy's state
+        self.observed = 0  # events learnt, fusion included
         self.shown: OrderedDict[str, dict[str, int]] = OrderedDict()
         self.online: deque[tuple[float, float]] = deque(maxlen=1000)
         self.follower = follow(app, InteractionFollower(s, app.bootstrap_servers))
@@ -112,13 +118,22 @@ class PolicyRanker(Ranker):
     # -- start-up and the model watch ---------------------------------------------------------------
     async def run(self) -> None:
         """Build the policy (catalogue caught up, model loaded), then watch the model's ACTIVE pointer."""
-        await self.start()
-        while True:
-            await asyncio.sleep(self.watch_interval_s)
-            try:
-                await self.check_model()
-            except Exception:  # noqa: BLE001 - the watch must go on
-                log.exception("knowledge model check failed")
+        try:
+            await self.start()
+            while True:
+                await asyncio.sleep(self.watch_interval_s)
+                try:
+                    await self.check_model()
+                except Exception:  # noqa: BLE001 - the watch must go on
+                    log.exception("knowledge model check failed")
+        finally:  # the worker stops (its tasks are cancelled)
+            self.stop()
+
+    def stop(self) -> None:
+        """Stop the learner process (if any); the policy keeps what it learnt."""
+        learner, self.learner = self.learner, None
+        if learner is not None:
+            learner.stop()
 
     async def start(self) -> None:
         import torch
@@ -133,6 +148,8 @@ class PolicyRanker(Ranker):
         model = await self._load_active()
         graph = await asyncio.to_thread(self._load_graph)
         self.build(model, graph)
+        if self.learner_mode == "process":
+            await asyncio.to_thread(self.start_learner)
         self.start_learning()
 
     def _load_graph(self):
@@ -157,6 +174,53 @@ class PolicyRanker(Ranker):
         log.info("ranking policy built: %d items, model %s%s", len(items), self.model_name,
                  ", knowledge graph" if graph is not None else "")
 
+    def start_learner(self) -> None:
+        """Start the learner process on a copy of the policy as built (no event observed yet)."""
+        from driftrec.streams.policy_learner import LearnerProcess, learner_init
+
+        policy = self.policy
+        with self.lock:
+            init = learner_init(self.cfg, policy.state.items, policy.item_ids, model_folder=self._model_folder(),
+                                model_path=self.app.settings.model.model_path or None,
+                                kg_path=self.app.settings.ranking.kg_path)
+            learner = LearnerProcess(init, on_fusion=self._on_fusion, on_exit=self._on_learner_exit)
+            learner.start()
+            self.learner = learner
+
+    def _model_folder(self) -> str | None:
+        return str(self.model_root / self.domain / self.model_version) if self.model_name != COLLABORATIVE else None
+
+    def _on_fusion(self, corrector, learnt: int) -> None:
+        """The learner's fusion, covering its first ``learnt`` events (its receiver thread)."""
+        with self.lock:
+            if self.learner is None:
+                return
+            self.policy.set_corrector(corrector)
+            if learnt > self.observed:
+                metrics.RANKING_OBSERVED.inc(learnt - self.observed)
+                self.observed = learnt
+            metrics.RANKING_BACKLOG.set(self.backlog)
+
+    def _on_learner_exit(self, exitcode) -> None:
+        """The learner process is gone: learn here from now on (the events it had not learnt keep their
+        state, their fusion updates are lost)."""
+        with self.lock:
+            lost = self.applied - self.observed
+            self.learner = None
+            self.learner_mode = "thread"
+            if lost > 0:
+                metrics.RANKING_OBSERVED.inc(lost)
+            self.observed = self.applied
+        metrics.RANKING_LEARNER_EXITS.inc()
+        log.error("the ranking policy's learner process exited (code %s) with %d events not learnt; the worker "
+                  "learns in its own process from now on", exitcode, max(lost, 0))
+        self._wake.set()
+
+    @property
+    def backlog(self) -> int:
+        """Events delivered and not learnt yet (by this process or by the learner)."""
+        return len(self._pending) + (self.applied - self.observed)
+
     def start_learning(self) -> None:
         """Start the learning thread (once)."""
         if self._learner is None:
@@ -177,19 +241,26 @@ class PolicyRanker(Ranker):
                     self.learn_chunk()
                 except Exception:  # noqa: BLE001 - learning must go on
                     log.exception("the ranking policy's learning failed")
-                metrics.RANKING_BACKLOG.set(len(self._pending))
-            self._live = True
+                metrics.RANKING_BACKLOG.set(self.backlog)
+            if self._live_at is None:
+                self._live_at = self.applied
 
     def learn_chunk(self) -> int:
-        """Observe the next (up to) ``LEARN_CHUNK`` queued interactions (``policy.observe_many``)."""
+        """Take the next (up to) ``LEARN_CHUNK`` queued interactions: into the state, and to the learner
+        process (``ranking.learner: process``), or learn them here (``policy.observe_many``)."""
         chunk = []
         while self._pending and len(chunk) < LEARN_CHUNK:
             chunk.append(self._pending.popleft())
         events = [(ev.user_id, ev.item_id, float(ev.rating) if isinstance(ev, Rating) else None, ev.event_time)
                   for ev in chunk]
         with self.lock:
+            learner = self.learner
             try:
-                self.policy.observe_many(events)
+                if learner is not None:
+                    self.policy.follow_many(events)
+                    learner.events(events)  # under the lock: in order with item arrivals and model swaps
+                else:
+                    self.policy.observe_many(events)
             except Exception:  # noqa: BLE001 - one bad chunk must not stop learning: learn its events one by one
                 log.exception("the ranking policy failed on a chunk of events; observing them one by one")
                 for ev in chunk:
@@ -198,8 +269,10 @@ class PolicyRanker(Ranker):
             for ev, (_, _, rating, _) in zip(chunk, events):
                 if rating is None or rating >= 3:  # the fallback's popularity, from every worker's events
                     self.popularity.learn_one(ev.user_id, ev.item_id, rating, ev.event_time)
-            self.observed += len(chunk)
-            metrics.RANKING_OBSERVED.inc(len(chunk))
+            self.applied += len(chunk)
+            if learner is None:
+                self.observed += len(chunk)
+                metrics.RANKING_OBSERVED.inc(len(chunk))
         return len(chunk)
 
     async def _load_active(self):
@@ -249,7 +322,9 @@ class PolicyRanker(Ranker):
             return False
         with self.lock:
             self.policy.set_model(model)
-        self.model_name = model.version
+            self.model_name = model.version
+            if self.learner is not None:
+                self.learner.model(self._model_folder())
         log.info("knowledge model %s now serving", model.version)
         return True
 
@@ -259,6 +334,8 @@ class PolicyRanker(Ranker):
             kept = self.app.catalogue.items.get(item.item_id, item)  # an older entry replayed: keep the newer
             with self.lock:
                 self.policy.add_item(kept.item_id, kept)
+                if self.learner is not None:
+                    self.learner.item(kept)
 
     def fallback(self, req: RecommendationRequest, reason: str = "popular right now") -> Ranked:
         with self.lock:  # the learning thread updates the fallback's popularity
@@ -271,15 +348,21 @@ class PolicyRanker(Ranker):
     def _observe(self, ev: Click | Rating) -> None:
         rating = float(ev.rating) if isinstance(ev, Rating) else None
         try:
-            self.policy.observe(ev.user_id, ev.item_id, rating, ev.event_time)
+            if self.learner is not None:
+                self.policy.follow_many([(ev.user_id, ev.item_id, rating, ev.event_time)])
+                self.learner.events([(ev.user_id, ev.item_id, rating, ev.event_time)])
+            else:
+                self.policy.observe(ev.user_id, ev.item_id, rating, ev.event_time)
         except Exception:  # noqa: BLE001 - one bad event must not stop learning
             log.exception("the ranking policy failed to learn an event")
             return
         finally:
             if rating is None or rating >= 3:  # the fallback's popularity, from every worker's events
                 self.popularity.learn_one(ev.user_id, ev.item_id, rating, ev.event_time)
-        self.observed += 1
-        metrics.RANKING_OBSERVED.inc()
+            self.applied += 1
+        if self.learner is None:
+            self.observed += 1
+            metrics.RANKING_OBSERVED.inc()
 
     def learn_popularity(self, ev: Click | Rating) -> None:
         pass  # the interaction follower feeds it (every worker's events)
@@ -302,11 +385,11 @@ class PolicyRanker(Ranker):
     # -- ranking --------------------------------------------------------------------------------------
     @property
     def ready(self) -> bool:
-        return self.policy is not None and self._live
+        return self.policy is not None and self._live_at is not None and self.observed >= self._live_at
 
     async def rank(self, req: RecommendationRequest) -> Ranked:
         policy = self.policy
-        if policy is None or not self._live:
+        if policy is None or not self.ready:
             metrics.FALLBACKS.labels(reason="policy_not_ready").inc()
             return self.fallback(req, reason="popular right now (ranking is starting)")
         try:
@@ -362,4 +445,5 @@ class PolicyRanker(Ranker):
     def info(self) -> dict[str, Any]:
         p = self.policy
         return {"observed": self.observed, "model": self.model_name, "items": len(p.item_ids) if p else 0,
-                "live": self._live}
+                "live": self.ready, "learner": self.learner_mode,
+                "learner_pid": self.learner.pid if self.learner is not None else None}

@@ -236,12 +236,17 @@ FALLBACKS = Counter(
 )
 RANKING_BACKLOG = Gauge(
     "driftrec_ranking_backlog",
-    "Interactions delivered to the worker's ranking policy and not learnt yet (ranking.engine=policy).",
+    "Interactions delivered to the worker's ranking policy and not learnt yet (ranking.engine=policy; with "
+    "ranking.learner=process, those whose fusion has not come back from the learner process included).",
 )
 RANKING_OBSERVED = Counter(
     "driftrec_ranking_observed",
     "Interactions (clicks and ratings, in topic order) the worker's ranking policy has learnt from "
-    "(ranking.engine=policy).",
+    "(ranking.engine=policy; with ranking.learner=process: whose fusion came back from the learner process).",
+)
+RANKING_LEARNER_EXITS = Counter(
+    "driftrec_ranking_learner_exits",
+    "Times the ranking policy's learner process went away (the worker then learns in its own process).",
 )
 CANDIDATES = Counter(
     "driftrec_candidates",

@@ -317,7 +317,7 @@ class RankingSettings(_Section):
     ``engine``: ``policy`` (default) = the ranking policy in the worker (``PolicyRanker``: the same code
     ``driftrec evaluate`` replays; ``driftrec train`` trains its knowledge model); ``loop`` = candidates ->
     Feast -> the HTTP LM scorer -> River (``LoopRanker``; ``driftrec train`` trains the scorer's LoRA adapter).
-    The remaining fields (except ``model_watch_interval_s``) are the policy's
+    The remaining fields (except ``learner`` and ``model_watch_interval_s``) are the policy's
     (``driftrec.model.ranking.policy.PolicyConfig``); the replay builds its config through the same
     function (``PolicyConfig.from_settings``), so the defaults here are the replay's defaults.
     """
@@ -353,6 +353,10 @@ class RankingSettings(_Section):
                     "popularity fallback (reason deadline)")
     max_concurrency: int = Field(default=16, ge=1, le=1024,
                                  description="requests of one batch ranked at the same time")
+    learner: Literal["process", "thread"] = Field(default="process", description=(
+        "where the worker's policy learns its fusion: process = a learner process beside the worker (the "
+        "worker only takes events into its state and ranks; the fusion comes back after each batch), "
+        "thread = a thread of the worker (one GIL with ingest and requests)"))
     model_watch_interval_s: float = Field(default=5.0, gt=0, le=3600,
                                           description="how often the worker re-reads the knowledge model's ACTIVE pointer")
     kg_path: str | None = Field(default=None, description="knowledge graph (a folder with *.kg [+ *.link], or a "

@@ -588,6 +588,21 @@ class RankingPolicy:
         finally:
             self._km_pre.clear()
 
+    def follow_many(self, events: Sequence[tuple[str, str, float | None, float]]) -> None:
+        """Take ``events`` ((user, item, rating, ts), in order) into everything but the fusion: the text
+        neighbours' user profiles and the state. A serving replica whose fusion is learnt by another copy of
+        the policy (the worker's learner process, which :meth:`observe` s the same events) does this and
+        takes that copy's fusion with :meth:`set_corrector`; after both have seen the same events the two
+        rank alike (the fusion is the only part :meth:`learn` changes)."""
+        for user, item, rating, ts in events:
+            self.lm_nb.learn_one(user, item, 5.0 if rating is None else float(rating), ts)
+            if self.owns_state:
+                self.state.update(user, item, rating, ts)
+
+    def set_corrector(self, corrector: RiverCorrector) -> None:
+        """Rank with ``corrector`` (the fusion another copy of this policy learnt) from now on."""
+        self.corrector = corrector
+
     def observe(self, user: str, item: str, rating: float | None, ts: float, *,
                 scores: np.ndarray | None = None) -> None:
         """Learn one interaction (``rating`` None = a click, taken as a positive): the fusion

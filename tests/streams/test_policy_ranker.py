@@ -8,8 +8,10 @@ and its checkpoints are the real ones.
 from __future__ import annotations
 
 import asyncio
-import threading
 import json
+import os
+import signal
+import threading
 
 import pytest
 
@@ -76,9 +78,20 @@ def _events(n=300, seed=0):
     return out
 
 
+_made: list[PolicyRanker] = []
+
+
+@pytest.fixture(autouse=True)
+def _stop_learners():
+    yield
+    while _made:
+        _made.pop().stop()
+
+
 def _make(tmp_path, **ranking):
     app = _App(tmp_path, **ranking)
     ranker = build_ranker(app)
+    _made.append(ranker)
     assert isinstance(ranker, PolicyRanker)
     for it in ITEMS:
         app.catalogue.add(it)
@@ -87,10 +100,11 @@ def _make(tmp_path, **ranking):
 
 
 async def _learnt(ranker, timeout: float = 60.0) -> None:
-    """Let the ranker's learning thread learn everything delivered (and the ranker go live)."""
+    """Let the ranker learn everything delivered (its learner process's fusion back, when it has one) and
+    go live."""
     ranker.start_learning()
     deadline = asyncio.get_running_loop().time() + timeout
-    while ranker._pending or not ranker._live:
+    while ranker._pending or not ranker.ready or ranker.backlog:
         assert asyncio.get_running_loop().time() < deadline, "the learning thread did not catch up"
         await asyncio.sleep(0.01)
     with ranker.lock:  # the last chunk is done
@@ -131,8 +145,13 @@ def test_replay_and_worker_build_the_same_policy_config():
         PolicyConfig.from_settings(knn_user_decay=2.0)
 
 
-async def test_serves_what_the_policy_ranks(tmp_path):
-    app, ranker = _make(tmp_path)
+@pytest.mark.parametrize("learner", ["process", "thread"])
+async def test_serves_what_the_policy_ranks(tmp_path, learner):
+    """Events read before the policy exists and after are learnt in order; once learnt, the worker ranks
+    exactly as a policy that observed them one by one - whether its fusion is learnt by the learner
+    process and sent back (the default) or on the worker's own thread."""
+    assert Settings().ranking.learner == "process"
+    app, ranker = _make(tmp_path, learner=learner)
     events = _events()
     before = metrics.FALLBACKS.labels(reason="policy_not_ready")._value.get()
     waiting = await ranker.rank(_req("u1"))
@@ -144,9 +163,11 @@ async def test_serves_what_the_policy_ranks(tmp_path):
     for ev in events[100:]:
         ranker.follower._deliver(ev)
     await _learnt(ranker)
-    assert ranker.observed == len(events)
+    assert ranker.observed == ranker.applied == len(events)
     assert metrics.RANKING_OBSERVED._value.get() == observed + len(events)
+    assert (ranker.learner is not None) == (learner == "process")
     ref = _reference(events)
+    assert ranker.policy.corrector.n_learned == ref.corrector.n_learned > 0
     ts = events[-1].event_time + 60
     for user in ("u0", "u1", "u5", "nobody"):
         ranked = await ranker.rank(_req(user, k=5, t=ts))
@@ -279,3 +300,31 @@ async def test_requests_are_ranked_while_a_backlog_is_learnt(tmp_path):
     ts = events[-1].event_time + 60
     ref = _reference(events)
     assert [i.item_id for i in (await ranker.rank(_req("u4", k=8, t=ts))).items] == [i for i, _ in ref.recommend("u4", 8, ts)]
+
+
+async def test_a_learner_process_that_dies_leaves_the_worker_learning(tmp_path):
+    """The learner process is killed: the exit is counted, the worker learns in its own process from then
+    on, and nothing delivered is left unlearnt (the fusion updates of the events in flight are lost)."""
+    app, ranker = _make(tmp_path)
+    await ranker.start()
+    events = _events(200, seed=5)
+    for ev in events[:100]:
+        ranker.follower._deliver(ev)
+    await _learnt(ranker)
+    pid = ranker.learner.pid
+    learnt = ranker.policy.corrector.n_learned
+    exits = metrics.RANKING_LEARNER_EXITS._value.get()
+    os.kill(pid, signal.SIGKILL)
+    for _ in range(1000):
+        if ranker.learner is None:
+            break
+        await asyncio.sleep(0.01)
+    assert ranker.learner is None and ranker.learner_mode == "thread"
+    assert metrics.RANKING_LEARNER_EXITS._value.get() == exits + 1
+    for ev in events[100:]:
+        ranker.follower._deliver(ev)
+    await _learnt(ranker)
+    assert ranker.observed == ranker.applied == len(events)
+    assert ranker.policy.corrector.n_learned > learnt  # learning here now
+    ranked = await ranker.rank(_req("u1", k=5))
+    assert not ranked.fallback and len(ranked.items) == 5
