@@ -125,7 +125,7 @@ class LearnerProcess:
                 batch = list(self._outbox)
                 self._outbox.clear()
             try:
-                for message in batch:
+                for message in _coalesced(batch):
                     conn.send(message)  # blocks while the learner's pipe is full: only this thread waits
             except (BrokenPipeError, OSError):
                 break  # the receiver sees the exit
@@ -160,6 +160,17 @@ class LearnerProcess:
             self._cv.notify()
         if not closed:
             self.on_exit(self.proc.exitcode if self.proc is not None else None)
+
+
+def _coalesced(messages: list) -> list:
+    """Consecutive ``events`` messages as one (fewer, larger sends; the order is kept)."""
+    out: list = []
+    for m in messages:
+        if m[0] == "events" and out and out[-1][0] == "events":
+            out[-1][1].extend(m[1])
+        else:
+            out.append((m[0], list(m[1])) if m[0] == "events" else m)
+    return out
 
 
 def learner_init(cfg, items: Mapping[str, Any], item_ids: Sequence[str], *, model_folder: str | None,

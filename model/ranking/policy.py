@@ -156,6 +156,8 @@ class PolicyState:
         if item is not None:
             self.items[item_id] = item
         idx = self.index.get(item_id)
+        if idx is not None and item is None:
+            return idx  # known, no new metadata: nothing to refresh (every interaction comes through here)
         if idx is None:
             idx = len(self.item_ids)
             self._reserve(idx + 1)
