@@ -39,7 +39,9 @@ def _world():
 
 
 def run(settings=None, repeats: int = 1, *, profiles=PROFILES, events: int = 6000, chunk: int | None = None) -> list[dict[str, Any]]:
-    """``repeats`` runs (each: every profile from the same warmed state); one flat dict per run."""
+    """``repeats`` runs (each: every profile from the same warmed state); one flat dict per run.
+    ``settings`` is not used (every ``bench`` module's ``run(settings, repeats)`` convention, for
+    ``driftrec bench``): the policy's settings are the profiles'."""
     if chunk is None:
         from driftrec.streams.policy_ranker import LEARN_CHUNK
 

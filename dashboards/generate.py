@@ -492,8 +492,16 @@ def model() -> dict[str, Any]:
     d.panel(
         "Ranking policy: interactions waiting to be learnt",
         [("max by (instance) (driftrec_ranking_backlog)", "{{instance}}")],
-        description="The policy learns every interaction in turn; a backlog that stays up means it does not "
-        "keep up with the event rate (alert DriftrecRankingLearningBehind).",
+        description="The policy learns every interaction in turn (its fusion in the worker's learner process); "
+        "a backlog that stays up means it does not keep up with the event rate (alert "
+        "DriftrecRankingLearningBehind).",
+        minimum=0,
+    )
+    d.panel(
+        "Ranking policy: learner process exits",
+        [("sum by (instance) (increase(driftrec_ranking_learner_exits_total[15m]))", "{{instance}}")],
+        description="The worker's learner process went away; the worker learns in its own process since "
+        "(alert DriftrecRankingLearnerExited).",
         minimum=0,
     )
     d.panel(
