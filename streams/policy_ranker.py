@@ -346,21 +346,24 @@ class PolicyRanker(Ranker):
         self._wake.set()
 
     def _observe(self, ev: Click | Rating) -> None:
+        """One interaction on its own (after its chunk failed). It counts as taken and learnt whether or not
+        the policy could learn from it, so the backlog and readiness never wait for it."""
         rating = float(ev.rating) if isinstance(ev, Rating) else None
+        event = (ev.user_id, ev.item_id, rating, ev.event_time)
+        learner = self.learner
         try:
-            if self.learner is not None:
-                self.policy.follow_many([(ev.user_id, ev.item_id, rating, ev.event_time)])
-                self.learner.events([(ev.user_id, ev.item_id, rating, ev.event_time)])
+            if learner is not None:
+                self.policy.follow_many([event])
             else:
-                self.policy.observe(ev.user_id, ev.item_id, rating, ev.event_time)
+                self.policy.observe(*event)
         except Exception:  # noqa: BLE001 - one bad event must not stop learning
             log.exception("the ranking policy failed to learn an event")
-            return
-        finally:
-            if rating is None or rating >= 3:  # the fallback's popularity, from every worker's events
-                self.popularity.learn_one(ev.user_id, ev.item_id, rating, ev.event_time)
-            self.applied += 1
-        if self.learner is None:
+        if learner is not None:
+            learner.events([event])  # counted as learnt when the fusion covering it comes back
+        if rating is None or rating >= 3:  # the fallback's popularity, from every worker's events
+            self.popularity.learn_one(ev.user_id, ev.item_id, rating, ev.event_time)
+        self.applied += 1
+        if learner is None:
             self.observed += 1
             metrics.RANKING_OBSERVED.inc()
 

@@ -328,3 +328,29 @@ async def test_a_learner_process_that_dies_leaves_the_worker_learning(tmp_path):
     assert ranker.policy.corrector.n_learned > learnt  # learning here now
     ranked = await ranker.rank(_req("u1", k=5))
     assert not ranked.fallback and len(ranked.items) == 5
+
+
+@pytest.mark.parametrize("learner", ["process", "thread"])
+async def test_an_event_the_policy_fails_on_is_logged_not_waited_for(tmp_path, monkeypatch, learner):
+    """The policy raises on one event: its chunk is learnt one by one, that event is skipped (logged), and
+    the backlog still drains to 0 - nothing waits for it, with or without the learner process."""
+    app, ranker = _make(tmp_path, learner=learner)
+    await ranker.start()
+    events = _events(64, seed=7)
+    bad = (events[10].user_id, events[10].item_id, events[10].event_time)
+
+    def failing(real):
+        def call(*a, **kw):
+            evs = a[0] if isinstance(a[0], list) else [a]
+            if any((e[0], e[1], e[3]) == bad for e in evs):
+                raise RuntimeError("bad event")
+            return real(*a, **kw)
+        return call
+
+    for name in ("follow_many",) if learner == "process" else ("observe_many", "observe"):
+        monkeypatch.setattr(ranker.policy, name, failing(getattr(ranker.policy, name)))
+    for ev in events:
+        ranker.follower._deliver(ev)
+    await _learnt(ranker)
+    assert ranker.observed == ranker.applied == len(events) and ranker.backlog == 0 and ranker.ready
+    assert not (await ranker.rank(_req("u1", k=5))).fallback
