@@ -46,6 +46,8 @@ class RowSink:
         self._user_key, self._item_key = user_key, item_key
         self._users: dict[str, Row] = {}
         self._items: dict[str, Row] = {}
+        self._user_times: list[float] | None = []  # event times the pending rows carry (None: not given)
+        self._item_times: list[float] | None = []
         self._waiters: list[asyncio.Future] = []
         self._task: asyncio.Task | None = None
         self.retries = writer.settings.feast.write_retries if retries is None else retries
@@ -54,8 +56,11 @@ class RowSink:
         self._failures = {r: metrics.FEATURE_WRITE_FAILURES.labels(store=writer.store_name, reason=r)
                           for r in WRITE_FAILURE_REASONS}
 
-    def submit(self, user_rows: Sequence[Row], item_rows: Sequence[Row]) -> asyncio.Future:
-        """Queue rows; the future is done when they are in the online store."""
+    def submit(self, user_rows: Sequence[Row], item_rows: Sequence[Row], *, user_times: Sequence[float] | None = None,
+               item_times: Sequence[float] | None = None) -> asyncio.Future:
+        """Queue rows; the future is done when they are in the online store. ``user_times`` /
+        ``item_times``: the event times of the interactions whose updates the rows carry, so freshness is
+        measured per event (:meth:`FeatureWriter.write_batch`); without them, per row."""
         fut = asyncio.get_running_loop().create_future()
         if self.failed is not None:  # the worker is stopping; nothing more is written or acknowledged
             fut.set_exception(RowSinkFailed("the row sink failed earlier"))
@@ -69,6 +74,8 @@ class RowSink:
             self._users[r[uk]] = r
         for r in item_rows:
             self._items[r[ik]] = r
+        self._user_times = _extend(self._user_times, user_times, user_rows)
+        self._item_times = _extend(self._item_times, item_times, item_rows)
         self._waiters.append(fut)
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(self._run())
@@ -86,9 +93,11 @@ class RowSink:
     async def _run(self) -> None:
         while self._waiters:
             users, items, waiters = list(self._users.values()), list(self._items.values()), self._waiters
+            times = (self._user_times, self._item_times)
             self._users, self._items, self._waiters = {}, {}, []
+            self._user_times, self._item_times = [], []
             try:
-                await self._write(users, items)
+                await self._write(users, items, times)
             except RowSinkFailed as exc:  # retries spent: fail everything pending, stop the worker
                 self.failed = exc
                 waiters += self._waiters
@@ -110,11 +119,11 @@ class RowSink:
                 if not w.done():
                     w.set_result(None)
 
-    async def _write(self, users: list[Row], items: list[Row]) -> None:
+    async def _write(self, users: list[Row], items: list[Row], times=(None, None)) -> None:
         attempt = 0
         while True:
             try:
-                await self.writer.write_batch(users, items)
+                await self.writer.write_batch(users, items, user_times=times[0], item_times=times[1])
                 if attempt:
                     log.warning("online-store write of %d+%d rows succeeded after %d failed attempt(s)",
                                 len(users), len(items), attempt)
@@ -133,3 +142,12 @@ class RowSink:
                             len(users), len(items), attempt + 1, self.retries + 1, reason, exc, pause)
                 attempt += 1
                 await asyncio.sleep(pause)
+
+
+def _extend(pending: list[float] | None, times: Sequence[float] | None, rows: Sequence[Row]) -> list[float] | None:
+    """The pending event times with ``times`` added; None (freshness per row) once rows came without them."""
+    if pending is None or (times is None and rows):
+        return None
+    if times:
+        pending.extend(times)
+    return pending

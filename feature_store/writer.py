@@ -98,10 +98,16 @@ class FeatureWriter(abc.ABC):
         await self.close()
 
     # -- the seam
-    async def write_batch(self, user_rows: Sequence[Row], item_rows: Sequence[Row]) -> WriteResult:
+    async def write_batch(self, user_rows: Sequence[Row], item_rows: Sequence[Row], *,
+                          user_times: Sequence[float] | None = None,
+                          item_times: Sequence[float] | None = None) -> WriteResult:
         """Write one batch (at most one row per entity); returns when the rows are readable.
 
-        Batches are written one at a time, in the order they were submitted.
+        Batches are written one at a time, in the order they were submitted. Freshness
+        (``driftrec_feature_freshness_seconds``) is observed once per event: for each of ``user_times`` /
+        ``item_times`` (the event times of the interactions whose updates the rows carry: a row that
+        coalesces ten events counts ten, each from its own event time); where they are not given, once per
+        row from its ``last_event_time`` (the row's newest event).
         """
         if not (user_rows or item_rows):
             return WriteResult(0, 0, 0.0, None)
@@ -114,11 +120,13 @@ class FeatureWriter(abc.ABC):
             elapsed = time.perf_counter() - t0
         now = time.time()
         newest = None
-        for rows, fresh in zip((user_rows, item_rows), self._fresh):
+        for rows, times, fresh in zip((user_rows, item_rows), (user_times, item_times), self._fresh):
             observe = fresh.observe
-            for row in rows:
-                t = float(row["last_event_time"])
+            row_times = [float(row["last_event_time"]) for row in rows]
+            for t in (row_times if times is None else times):
                 observe(max(now - t, 0.0))
+            if row_times:
+                t = max(row_times)
                 if newest is None or t > newest:
                     newest = t
         if newest is not None and (self.newest_event_time is None or newest > self.newest_event_time):

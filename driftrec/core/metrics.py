@@ -134,7 +134,8 @@ EVENTS_REKEYED = Counter(
 
 FEATURE_FRESHNESS_SECONDS = Histogram(
     "driftrec_feature_freshness_seconds",
-    "Event time to the moment its feature update is readable in the online store, by store "
+    "Event time to the moment its feature update is readable in the online store, one observation per "
+    "event (a row that coalesces several events counts each from its own event time), by store "
     "(sqlite/redis) and feature view (user_features/item_features; item rows are one hop further).",
     ["store", "feature_view"],
     buckets=FRESHNESS_BUCKETS,

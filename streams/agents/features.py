@@ -339,6 +339,7 @@ class FeaturesStage:
         cache = self._users
         now = time.time()
         touched: dict[bytes, tuple[int, str]] = {}  # user key -> (partition, user id)
+        user_times: list[float] = []  # event times of the interactions the user rows carry (freshness)
         forward: dict[int, list[list]] = defaultdict(list)
         codes, recent_items, dedupe_ids = self.topic_codes, self.recent_items, self.dedupe_ids
         sources: dict[tuple[str, int], str] = {}
@@ -370,6 +371,7 @@ class FeaturesStage:
                 raise faults.InjectedFault(f"injected fault on event {poison}")
             if verdict is Verdict.NEW:
                 touched[key] = (acc.partition, ev.user_id)
+                user_times.append(inter.event_time)
                 q = item_partition(ev.item_id, self.events_partitions)
                 if q in owned:
                     local.append((q, ItemDelta.of(inter)))
@@ -395,16 +397,17 @@ class FeaturesStage:
         if forward:
             self._item_updates["forwarded"].inc(sum(map(len, forward.values())))
         item_rows: list = []
+        item_times: list[float] = []
         if local:
             # no await between applying the items and handing their bytes and rows over: the item step
             # shares these states, and an older snapshot handed over after its newer one would win
-            item_values, item_rows = self._apply_items(local)
+            item_values, item_rows, item_times = self._apply_items(local)
             self._item_updates["local"].inc(len(local))
             if item_values:
                 sends.append(self._item_persist.persist(item_values))
         # the user states say "applied": only once the item side of every interaction is durable
         result.durable.append(self._user_persist.persist(values, after=sends))
-        result.durable.append(self.rows.submit(rows, item_rows))
+        result.durable.append(self.rows.submit(rows, item_rows, user_times=user_times, item_times=item_times))
         return result
 
     def _count_skipped(self, skipped: dict) -> None:
@@ -482,22 +485,24 @@ class FeaturesStage:
                 deltas += [(partition, ItemDelta.from_list(v)) for v in body["d"]]
             except (ValueError, KeyError, TypeError, IndexError):
                 log.error("features: skipping a malformed message on %s[%d]", topic, partition)
-        values, rows = self._apply_items(deltas)
+        values, rows, times = self._apply_items(deltas)
         for marker in markers:  # everything before the marker is applied (in order) now
             fut = self._barriers.get(marker) if isinstance(marker, str) else None
             if fut is not None and not fut.done():
                 fut.set_result(None)
         if not values:
             return []
-        return [self._item_persist.persist(values), self.rows.submit([], rows)]
+        return [self._item_persist.persist(values), self.rows.submit([], rows, item_times=times)]
 
-    def _apply_items(self, deltas: Sequence[tuple[int, ItemDelta]]) -> tuple[dict[int, dict[bytes, bytes]], list]:
-        """Apply ``(events partition, delta)`` to the item states: ``({partition: {key: state}}, rows)``
-        of the touched items, to persist and write."""
+    def _apply_items(self, deltas: Sequence[tuple[int, ItemDelta]]) -> tuple[dict[int, dict[bytes, bytes]], list, list]:
+        """Apply ``(events partition, delta)`` to the item states: ``({partition: {key: state}}, rows,
+        event times)`` - the touched items' states and rows, to persist and write, and the event times of
+        the deltas applied for the first time (their freshness is measured when the rows are readable)."""
         cache = self._items
         if len(cache) >= _CACHE_MAX:
             cache.clear()
         touched: dict[bytes, tuple[int, str]] = {}
+        times: list[float] = []
         half_life = self.half_life
         for partition, d in deltas:
             key = d.item_id.encode()
@@ -505,7 +510,9 @@ class FeaturesStage:
             if state is None:
                 raw = self._item_persist.pending.get(key)
                 state = cache[key] = ItemState.loads(raw if raw is not None else self.item_store.get(key, partition))
-            if not state.apply(d, half_life_s=half_life):
+            if state.apply(d, half_life_s=half_life):
+                times.append(d.event_time)
+            else:
                 self._replayed.inc()  # re-written below all the same (it may not have been durable)
             touched[key] = (partition, d.item_id)
         values: dict[int, dict[bytes, bytes]] = defaultdict(dict)
@@ -514,7 +521,7 @@ class FeaturesStage:
             state = cache[key]
             values[partition][key] = state.dumps()
             rows.append(state.feature_row(item_id))
-        return values, rows
+        return values, rows, times
 
     async def drain(self) -> None:
         """Wait for everything submitted so far: persists and online-store writes (tests, rebalances)."""

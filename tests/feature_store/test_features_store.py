@@ -75,6 +75,43 @@ async def test_write_then_read_one_call(store_settings):
     assert metrics.FEATURE_NEWEST_EVENT_LAG_SECONDS.labels(store=writer.store_name)._value.get() < 60
 
 
+def _freshness(store: str, view: str) -> tuple[float, float]:
+    """(observations, sum of seconds) of the freshness histogram so far."""
+    child = metrics.FEATURE_FRESHNESS_SECONDS.labels(store=store, feature_view=view)
+    count = sum(b.get() for b in child._buckets)
+    return count, child._sum.get()
+
+
+async def test_freshness_is_observed_per_event_not_per_row(tmp_path):
+    """A row that coalesces three events counts three freshness observations, each from its own event
+    time (the older events of a batch waited longer than the row's newest); through the row sink, rows
+    of two batches merged into one write still count every event; rows without event times count once."""
+    from driftrec.feature_store.sink import RowSink
+
+    settings = _settings(tmp_path, "sqlite")
+    writer = create_writer(settings)
+    async with writer:
+        t = time.time()
+        n0, s0 = _freshness(writer.store_name, "user_features")
+        await writer.write_batch([_user("u1", t)], [], user_times=[t - 20.0, t - 10.0, t])
+        n1, s1 = _freshness(writer.store_name, "user_features")
+        assert n1 - n0 == 3
+        assert 30.0 <= s1 - s0 < 30.0 + 3 * (time.time() - t) + 1e-6  # 20 + 10 + 0, plus the write time each
+
+        sink = RowSink(writer)
+        first = sink.submit([_user("u2", t - 5.0)], [_item("a", t - 5.0)], user_times=[t - 5.0],
+                            item_times=[t - 5.0])
+        second = sink.submit([_user("u2", t)], [], user_times=[t - 1.0, t])  # same user: one row written
+        await asyncio.gather(first, second)
+        n2, _ = _freshness(writer.store_name, "user_features")
+        i2, _ = _freshness(writer.store_name, "item_features")
+        assert n2 - n1 == 3
+        await sink.submit([_user("u3", t), _user("u4", t)], [])  # no event times: one per row
+        n3, _ = _freshness(writer.store_name, "user_features")
+        assert n3 - n2 == 2
+    assert i2 >= 1
+
+
 async def test_reader_matches_feast_get_online_features(store_settings):
     from driftrec.feature_store.definitions import RANKING_SERVICE
     from driftrec.feature_store.repo import open_store

@@ -93,6 +93,7 @@ class _Writer(FeatureWriter):
     def __init__(self, settings):
         super().__init__(settings)
         self.users, self.items = {}, {}
+        self.user_times, self.item_times = [], []  # event times the rows carried (freshness per event)
         self.batches = 0
 
     async def _start(self):
@@ -101,8 +102,10 @@ class _Writer(FeatureWriter):
     async def _write(self, user_data, item_data):
         return None
 
-    async def write_batch(self, user_rows, item_rows):
+    async def write_batch(self, user_rows, item_rows, *, user_times=None, item_times=None):
         self.batches += 1
+        self.user_times += list(user_times or ())
+        self.item_times += list(item_times or ())
         for r in user_rows:
             self.users[r["user_id"]] = r
         for r in item_rows:
@@ -151,13 +154,16 @@ async def test_rejections_state_rows_and_forwarding(stage):
     forwarded = [d for _, ds in stage.app.events.sent for d in ds]
     assert len(forwarded) == 4
     assert all(p == item_partition(ds[0][0], 4) for p, ds in stage.app.events.sent)
+    # one freshness observation per accepted event (its own time), not one per row: the 4 events share a row
+    assert sorted(stage.writer.user_times) == sorted(a.event.event_time for a in good + [rating])
 
-    # the item step: apply what was forwarded; a replayed forward changes nothing
+    # the item step: apply what was forwarded; a replayed forward changes nothing (nor counts again)
     msgs = _forwarded_messages(stage)
     await asyncio.gather(*await stage.process_item_messages(msgs))
     await asyncio.gather(*await stage.process_item_messages(msgs))
     assert stage.writer.items["i1"]["popularity_total"] == 2
     assert stage.writer.items["i1"]["rating_count"] == 1
+    assert sorted(stage.writer.item_times) == sorted(a.event.event_time for a in good + [rating])
 
     # crash replay (same positions): nothing counted again, nothing forwarded again (the forwards were
     # durable before the state was), but the user's state and row are written again
@@ -347,9 +353,9 @@ async def test_rows_are_coalesced_while_a_write_is_in_flight(stage):
     gate = asyncio.Event()
     real = stage.writer.write_batch
 
-    async def slow(users, items):
+    async def slow(users, items, **times):
         await gate.wait()
-        await real(users, items)
+        await real(users, items, **times)
 
     stage.writer.write_batch = slow
     results = []
@@ -361,6 +367,7 @@ async def test_rows_are_coalesced_while_a_write_is_in_flight(stage):
     await asyncio.gather(*(d for r in results for d in r.durable))
     assert stage.writer.users["u5"]["click_count"] == 5
     assert stage.writer.batches == 2  # the first batch's write, then the four others merged into one
+    assert sorted(stage.writer.user_times) == [now + k for k in range(5)]  # every event's freshness, merged or not
 
 
 async def test_state_survives_a_cache_reset(stage):
@@ -401,11 +408,11 @@ async def test_row_sink_retries_until_the_store_is_back(stage, monkeypatch):
     monkeypatch.setattr(sink, "RETRY_PAUSES_S", (0.01,))
     real, calls = stage.writer.write_batch, []
 
-    async def flaky(users, items):
+    async def flaky(users, items, **times):
         calls.append(len(users))
         if len(calls) < 3:
             raise ConnectionError("store away")
-        await real(users, items)
+        await real(users, items, **times)
 
     stage.writer.write_batch = flaky
     done = stage.rows.submit([{"user_id": "u7", "last_event_time": 1.0}], [])
