@@ -11,7 +11,7 @@ broker (or the configured one), with the online store under test (SQLite file or
    ``ingest_events_per_s`` = events / that window (``..._user_rows``: up to the last ingested).
 2. **Freshness.** A paced stream at ``rate`` events/s (event time = send time) for ``seconds``;
    freshness is the worker's own ``driftrec_feature_freshness_seconds{store}`` histogram (event
-   time -> row readable, observed per entity row right after each write), differenced over the
+   time -> row readable, observed per event right after the write that carries it), differenced over the
    window; p50/p99 are interpolated within its buckets (0.25 s is a bucket boundary, so
    ``freshness_le_250ms`` - the share at or under 250 ms - is exact).
 
