@@ -36,6 +36,7 @@ import gc
 import logging
 import multiprocessing
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Sequence
@@ -45,7 +46,7 @@ import orjson
 from driftrec.core.settings import Settings
 from driftrec.feature_store.backends import get_backend
 from driftrec.feature_store.codec import Row
-from driftrec.feature_store.offline import OfflineLog
+from driftrec.feature_store.offline import BackgroundFlusher, OfflineLog
 from driftrec.feature_store.repo import open_store
 from driftrec.feature_store.writer import FeatureWriter, WriteFailed
 
@@ -72,19 +73,16 @@ def _serve(conn, settings_json: str, store: str) -> None:  # pragma: no cover - 
         conn.send_bytes(f"could not open the {store} online store: {exc!r}".encode())
         return
     f = settings.feast
-    offline = (OfflineLog(Path(f.repo_dir).resolve(), flush_s=f.offline_flush_s, flush_rows=f.offline_flush_rows)
-               if f.offline_log else None)
     gc.collect()
     gc.freeze()  # what Feast's import built stays out of the collector's walks (see driftrec.streams.app)
+    # the offline appends run on a thread of their own: an online write never waits behind a Parquet file
+    offline = (BackgroundFlusher(OfflineLog(Path(f.repo_dir).resolve(), flush_s=f.offline_flush_s,
+                                            flush_rows=f.offline_flush_rows)) if f.offline_log else None)
+    sys.setswitchinterval(0.001)  # the writing thread gets the GIL back within 1 ms of a flush holding it
     conn.send_bytes(b"")
     try:
         while True:
             try:
-                # idle: wake up when the offline buffer is due (written rows reach the offline store in time)
-                due = offline.due_in() if offline is not None else None
-                if due is not None and not conn.poll(due):
-                    _flush_offline(offline)
-                    continue
                 message = conn.recv_bytes()
             except EOFError:
                 return
@@ -99,16 +97,11 @@ def _serve(conn, settings_json: str, store: str) -> None:  # pragma: no cover - 
                 offline.add(users, items)  # after the answer: the online write's latency does not include it
     finally:
         if offline is not None:
-            _flush_offline(offline)
+            try:
+                offline.close()
+            except Exception:  # noqa: BLE001 - the online writes stand
+                logging.getLogger(__name__).exception("appending feature rows to the offline store failed")
         rows.close()
-
-
-def _flush_offline(offline: "OfflineLog") -> None:  # pragma: no cover - runs in the child
-    try:
-        offline.flush()
-    except Exception:  # noqa: BLE001 - the online write stands; the rows stay buffered for the next try
-        logging.getLogger(__name__).exception("appending feature rows to the offline store failed")
-        offline.retry_later()
 
 
 def _context():
