@@ -6,7 +6,8 @@ thread (as the worker runs it): the e2e benchmark's synthetic world (200 users, 
 policy warmed with 3,000 interactions, a knowledge model trained on them (``KnowledgeTrainer``, text on,
 no graph), then 6,000 more interactions through ``RankingPolicy.observe_many`` in chunks of
 ``streams.policy_ranker.LEARN_CHUNK`` (16, what the worker's learning thread does) -> ``events_per_s``; ``one_by_one_events_per_s`` is ``observe`` per event (no batched
-forwards). Each setting of (``hard_pool_every``, ``learn_fraction``) in ``--settings`` starts from the
+forwards); ``state_only_events_per_s`` is ``RankingPolicy.follow_many`` alone (what the worker itself does
+per event with the learner process: the state, no fusion). Each setting of (``hard_pool_every``, ``learn_fraction``) in ``--settings`` starts from the
 same warmed state. The quality side of the same settings comes from ``driftrec evaluate`` (README).
 
 ``python -m driftrec.bench.learning --json bench/results/learning.json`` (medians of ``--repeats``, 3 by
@@ -69,6 +70,14 @@ def _once(profiles, events: int, chunk: int) -> dict[str, Any]:
     trainer.fit(list(base.histories()), initial=True)
     model = trainer.model()
     snapshot = pickle.dumps(base)
+    # what the worker does itself with the learner process: the state only (RankingPolicy.follow_many)
+    p = pickle.loads(snapshot)
+    p.set_model(model)
+    t0 = time.perf_counter()
+    for a in range(0, len(rest), chunk):
+        p.follow_many(rest[a:a + chunk])
+    state_only = len(rest) / (time.perf_counter() - t0)
+    print(json.dumps({"state_only_events_per_s": state_only}), flush=True)
     out = []
     for every, fraction in profiles:
         row: dict[str, Any] = {"hard_pool_every": every, "learn_fraction": fraction}
@@ -89,7 +98,7 @@ def _once(profiles, events: int, chunk: int) -> dict[str, Any]:
         out.append(row)
         print(json.dumps(row), flush=True)
     flat = {key(r["hard_pool_every"], r["learn_fraction"]): r["events_per_s"] for r in out}
-    return {**flat, "profiles": out, "items": len(ids), "events": len(rest), "chunk": chunk,
+    return {**flat, "state_only_events_per_s": state_only, "profiles": out, "items": len(ids), "events": len(rest), "chunk": chunk,
             "machine": {"cpu": _cpu(), "cpus": os.cpu_count(), "python": platform.python_version(),
                         "torch": torch.__version__},
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -116,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     import statistics
 
     runs = run(repeats=a.repeats, events=a.events)
-    result = {k: statistics.median(r[k] for r in runs) for k in runs[0] if k.startswith("learn_events_per_s")}
+    result = {k: statistics.median(r[k] for r in runs) for k in runs[0]
+              if k.startswith("learn_events_per_s") or k == "state_only_events_per_s"}
     result.update(runs=runs, repeats=a.repeats, command="python -m driftrec.bench.learning " + " ".join(sys.argv[1:] if argv is None else argv))
     if a.json:
         with open(a.json, "w") as fh:

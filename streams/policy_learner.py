@@ -57,8 +57,6 @@ class LearnerProcess:
         self._init = dict(init)
         self.on_fusion = on_fusion
         self.on_exit = on_exit
-        self.sent = 0  # interactions handed to the outbox
-        self.learnt = 0  # interactions the last fusion received covers
         self._outbox: deque = deque()
         self._cv = threading.Condition()
         self._closed = False
@@ -92,14 +90,8 @@ class LearnerProcess:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None else None
 
-    @property
-    def behind(self) -> int:
-        """Interactions sent to the learner whose fusion has not come back yet."""
-        return self.sent - self.learnt
-
     # -- what the learner must see, in the worker's order --------------------------------------------
     def events(self, events: Sequence[Event]) -> None:
-        self.sent += len(events)
         self._put(("events", list(events)))
 
     def item(self, item) -> None:
@@ -148,7 +140,6 @@ class LearnerProcess:
                 except Exception:  # noqa: BLE001 - keep the fusion the worker has
                     log.exception("the policy learner sent a fusion that does not load")
                     continue
-                self.learnt = learnt
                 self.on_fusion(corrector, learnt)
             elif kind == "ready":
                 log.info("policy learner process %s ready (%s)", self.pid, rest[0])
@@ -163,13 +154,14 @@ class LearnerProcess:
 
 
 def _coalesced(messages: list) -> list:
-    """Consecutive ``events`` messages as one (fewer, larger sends; the order is kept)."""
+    """Consecutive ``events`` messages as one (fewer, larger sends; the order is kept). Each message's
+    event list is its own (``events`` copies), so it is extended in place."""
     out: list = []
     for m in messages:
         if m[0] == "events" and out and out[-1][0] == "events":
             out[-1][1].extend(m[1])
         else:
-            out.append((m[0], list(m[1])) if m[0] == "events" else m)
+            out.append(m)
     return out
 
 
@@ -181,16 +173,23 @@ def learner_init(cfg, items: Mapping[str, Any], item_ids: Sequence[str], *, mode
             "model_path": model_path, "kg_path": kg_path}
 
 
-def build_learner_policy(init: Mapping[str, Any]):
-    """The learner's copy of the policy (also what a test compares the worker's against)."""
+def policy_graph(kg_path: str | None, items: Mapping[str, Any], positive_threshold: float):
+    """The knowledge graph at ``kg_path`` linked to the catalogue ``items``, as the policy's candidate
+    source (None without a path): what the worker's policy and its learner's copy are both built with."""
     from driftrec.model.knowledge.candidates import KGCandidates
     from driftrec.model.knowledge.graph import load_catalogue_graph
+
+    kg = load_catalogue_graph(kg_path, items)
+    return KGCandidates(kg, positive_threshold=positive_threshold) if kg is not None else None
+
+
+def build_learner_policy(init: Mapping[str, Any]):
+    """The learner's copy of the policy, from :func:`learner_init`'s dict."""
     from driftrec.model.ranking.policy import RankingPolicy
 
     cfg, items = init["cfg"], init["items"]
     model = _load_model(init["model_folder"], items, init["model_path"])
-    kg = load_catalogue_graph(init["kg_path"], items)
-    graph = KGCandidates(kg, positive_threshold=cfg.positive_threshold) if kg is not None else None
+    graph = policy_graph(init["kg_path"], items, cfg.positive_threshold)
     return RankingPolicy(cfg, items, init["item_ids"], model=model, kg=graph)
 
 
@@ -209,8 +208,7 @@ def _learn_main(inbox, outbox, init: Mapping[str, Any]) -> None:  # pragma: no c
         os.nice(10)  # the worker's ingest and requests come first
     except OSError:
         pass
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    import torch
+    import torch  # (numpy's BLAS threads: OPENBLAS_NUM_THREADS, inherited from the worker's environment)
 
     torch.set_num_threads(1)
     policy = build_learner_policy(init)

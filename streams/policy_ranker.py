@@ -154,14 +154,13 @@ class PolicyRanker(Ranker):
 
     def _load_graph(self):
         """``ranking.kg_path``'s graph as the policy's candidate source (None without one)."""
-        from driftrec.model.knowledge.candidates import KGCandidates
-        from driftrec.model.knowledge.graph import load_catalogue_graph
+        from driftrec.streams.policy_learner import policy_graph
 
-        kg = load_catalogue_graph(self.app.settings.ranking.kg_path, dict(self.app.catalogue.items))
-        if kg is None:
-            return None
-        log.info("knowledge graph %s: %s", self.app.settings.ranking.kg_path, getattr(kg, "report", ""))
-        return KGCandidates(kg, positive_threshold=self.cfg.positive_threshold)
+        graph = policy_graph(self.app.settings.ranking.kg_path, dict(self.app.catalogue.items),
+                             self.cfg.positive_threshold)
+        if graph is not None:
+            log.info("knowledge graph %s: %s", self.app.settings.ranking.kg_path, getattr(graph.kg, "report", ""))
+        return graph
 
     def build(self, model=None, graph=None) -> None:
         """The policy over the catalogue as it is now (arrival order), serving ``model`` (and ``graph``: the
