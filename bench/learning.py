@@ -1,6 +1,7 @@
 """``python -m driftrec.bench.learning``: how fast the ranking policy learns, per learning setting.
 
-The worker's ranking policy learns every interaction of every worker (on its learning thread), so its
+The worker's ranking policy learns every interaction of every worker (its fusion in the learner process,
+``ranking.learner: process``, in chunks of 64; or on the worker's learning thread, in chunks of 16), so its
 learning rate bounds the event rate a worker follows. This measures it in one process, one torch and one BLAS
 thread (as the worker runs it): the e2e benchmark's synthetic world (200 users, 400 items, seed 11), a
 policy warmed with 3,000 interactions, a knowledge model trained on them (``KnowledgeTrainer``, text on,
