@@ -84,13 +84,32 @@ def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | 
     return prev_le
 
 
+def produce_backlog(bootstrap: str, settings, backlog: list, ports: list[int], *, s0: list,
+                    timeout: float = 300.0) -> tuple[dict[str, float], float]:
+    """Produce ``backlog`` while :func:`backlog_window` watches the workers behind ``ports`` from a thread
+    started before the first record is sent; ``(window, seconds the production took)``.
+
+    The workers ingest while the backlog is still being produced (production takes seconds): a window
+    that opened only once production had returned would leave out what they did meanwhile and
+    overstate their rate (the figures before 2026-12-07 were taken that way)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        started = time.monotonic()
+        watch = pool.submit(backlog_window, ports, len(backlog), s0=s0, started=started, timeout=timeout)
+        asyncio.run(_produce(bootstrap, settings, backlog))
+        produced_s = time.monotonic() - started
+        return watch.result(), produced_s
+
+
 def backlog_window(ports: list[int], n_events: int, *, s0: list, started: float, timeout: float = 300.0) -> dict[str, float]:
     """Seconds the workers behind ``ports`` took for a backlog of ``n_events`` produced from ``started``.
 
     The window opens when the first event of the backlog is counted as ingested (summed over the
     workers: ``driftrec_events_ingested_total{outcome="ok"}`` past its value in ``s0``, their scrapes
     before the backlog) and closes when all are (``users_s``) and when, after that, the item rows
-    (one hop behind) have stopped moving for 0.5 s (``all_s``).
+    (one hop behind) have stopped moving for 0.5 s (``all_s``). Call it while the backlog is produced
+    (:func:`produce_backlog`), or the window opens late.
     """
     base_ok = sum(_metric(s, "driftrec_events_ingested_total", outcome="ok") for s in s0)
     items_rows = sum(_metric(s, "driftrec_feature_rows_written_total", feature_view="item_features") for s in s0)
@@ -329,10 +348,7 @@ def run_one(settings: Settings, store: str, *, n_events: int = 60_000, rate: flo
             s0 = _scrape(port)
             backlog = [world.event(time.time()) for _ in range(n_events)]
             profiler = _profiler(proc.pid, "backlog")
-            produce_started = time.monotonic()
-            asyncio.run(_produce(bootstrap, settings, backlog))
-            produced_s = time.monotonic() - produce_started
-            window = backlog_window([port], n_events, s0=[s0], started=produce_started, timeout=timeout)
+            window, produced_s = produce_backlog(bootstrap, settings, backlog, [port], s0=[s0], timeout=timeout)
             if profiler is not None:
                 profiler.wait(60)
             span_users, span_all = window["users_s"], window["all_s"]

@@ -22,7 +22,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from driftrec.bench.ingest import _World, _metric, _produce, _scrape, _wait_port, backlog_window
+from driftrec.bench.ingest import _World, _metric, _produce, _scrape, _wait_port, produce_backlog
 from driftrec.core.settings import Settings
 
 
@@ -57,9 +57,7 @@ def _one(settings: Settings, delay_s: float, n_events: int, every: int) -> dict[
                 if n % every == every - 1:
                     backlog.append({"type": "recommendation_request", "event_id": uuid.uuid4().hex,
                                     "event_time": time.time(), "user_id": backlog[-1]["user_id"], "k": 10})
-            started = time.monotonic()
-            asyncio.run(_produce(bootstrap, settings, backlog))
-            window = backlog_window([port], len(backlog), s0=[s0], started=started, timeout=600)
+            window, _produced_s = produce_backlog(bootstrap, settings, backlog, [port], s0=[s0], timeout=600)
             s1 = _scrape(port)
             fallbacks = {r: _metric(s1, "driftrec_recommendation_fallbacks_total", reason=r) -
                          _metric(s0, "driftrec_recommendation_fallbacks_total", reason=r)

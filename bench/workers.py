@@ -3,8 +3,8 @@
 Each run starts ``n`` full workers (every agent; no scorer is reachable, which clicks and ratings
 do not need) on a fresh embedded broker, waits until every one of them has joined and processed
 events, then produces a backlog of clicks and ratings at full speed (the producer's batch path,
-~1 s) and measures it like ``driftrec.bench.ingest``: from the first backlog event counted as ingested to
-the last, plus the item rows that follow one hop behind (:func:`driftrec.bench.ingest.backlog_window`,
+~1 s) and measures it like ``driftrec.bench.ingest``: from the first backlog event counted as ingested (watched
+from before the first record is sent) to the last, plus the item rows that follow one hop behind (:func:`driftrec.bench.ingest.backlog_window`,
 summed over the workers' metrics endpoints).
 
 On these 2-core machines the workers share the cores with each other, their writer processes and
@@ -23,7 +23,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from driftrec.bench.ingest import _World, _metric, _produce, _scrape, _wait_port, backlog_window
+from driftrec.bench.ingest import _World, _metric, _produce, _scrape, _wait_port, produce_backlog
 from driftrec.core.broker import broker
 from driftrec.demo import Children, child_env
 from driftrec.core.settings import Settings
@@ -58,9 +58,7 @@ def throughput(settings: Settings, n_workers: int, n_events: int, *, timeout: fl
             time.sleep(3.0)
             s0 = [_scrape(p) for p in ports]
             backlog = [world.event(time.time()) for _ in range(n_events)]
-            started = time.monotonic()
-            asyncio.run(_produce(bootstrap, settings, backlog))
-            window = backlog_window(ports, n_events, s0=s0, started=started, timeout=timeout)
+            window, _produced_s = produce_backlog(bootstrap, settings, backlog, ports, s0=s0, timeout=timeout)
             return n_events / window["all_s"]
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
