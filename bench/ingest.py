@@ -92,30 +92,37 @@ def produce_backlog(bootstrap: str, settings, backlog: list, ports: list[int], *
     The workers ingest while the backlog is still being produced (production takes seconds): a window
     that opened only once production had returned would leave out what they did meanwhile and
     overstate their rate (the figures before 2026-12-07 were taken that way)."""
+    import threading
     from concurrent.futures import ThreadPoolExecutor
 
+    stop = threading.Event()
     with ThreadPoolExecutor(1) as pool:
         started = time.monotonic()
-        watch = pool.submit(backlog_window, ports, len(backlog), s0=s0, started=started, timeout=timeout)
-        asyncio.run(_produce(bootstrap, settings, backlog))
+        watch = pool.submit(backlog_window, ports, len(backlog), s0=s0, started=started, timeout=timeout, stop=stop)
+        try:
+            asyncio.run(_produce(bootstrap, settings, backlog))
+        except BaseException:
+            stop.set()  # the watcher gives up at once instead of polling until its timeout
+            raise
         produced_s = time.monotonic() - started
         return watch.result(), produced_s
 
 
-def backlog_window(ports: list[int], n_events: int, *, s0: list, started: float, timeout: float = 300.0) -> dict[str, float]:
+def backlog_window(ports: list[int], n_events: int, *, s0: list, started: float, timeout: float = 300.0,
+                   stop=None) -> dict[str, float]:
     """Seconds the workers behind ``ports`` took for a backlog of ``n_events`` produced from ``started``.
 
     The window opens when the first event of the backlog is counted as ingested (summed over the
     workers: ``driftrec_events_ingested_total{outcome="ok"}`` past its value in ``s0``, their scrapes
     before the backlog) and closes when all are (``users_s``) and when, after that, the item rows
     (one hop behind) have stopped moving for 0.5 s (``all_s``). Call it while the backlog is produced
-    (:func:`produce_backlog`), or the window opens late.
+    (:func:`produce_backlog`), or the window opens late. ``stop`` (a ``threading.Event``): give up when set.
     """
     base_ok = sum(_metric(s, "driftrec_events_ingested_total", outcome="ok") for s in s0)
     items_rows = sum(_metric(s, "driftrec_feature_rows_written_total", feature_view="item_features") for s in s0)
     t_first = t_last = items_still_since = None
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not (stop is not None and stop.is_set()):
         scrapes = [_scrape(p) for p in ports]
         done = sum(_metric(s, "driftrec_events_ingested_total", outcome="ok") for s in scrapes) - base_ok
         now = time.monotonic()
@@ -134,8 +141,7 @@ def backlog_window(ports: list[int], n_events: int, *, s0: list, started: float,
         time.sleep(0.05)
     if t_last is None:
         raise RuntimeError(f"only part of the backlog was ingested in {timeout}s")
-    # the first event may have been ingested while the backlog was still being produced
-    opened = t_first or started
+    opened = t_first or started  # (no poll saw the first event alone: the backlog went in between two polls)
     return {"users_s": t_last - opened, "all_s": (items_still_since or t_last) - opened}
 
 
