@@ -158,7 +158,8 @@ def run_demo(settings: Settings, *, events: int | None = 2000, workers: int = 1,
                 else:
                     say("scorer not ready after 180 s: recommendations use the fallback ranking")
             stats = asyncio.run(_drive(settings, bootstrap, world, titles, events, request_every, rate,
-                                       scorer_url, children, say, quiet, grace_s, wait_ready=policy))
+                                       scorer_url, children, say, quiet, grace_s, wait_ready=policy,
+                                       wait_model=policy and trainer))
             say(f"done: {stats['events']} events, {stats['requests']} requests, "
                 f"{stats['answered']} recommendations ({stats['fallback']} fallback)")
             for line in summary_lines(stats):
@@ -202,6 +203,43 @@ async def _wait_ranking_ready(producer, probes: dict, world, children, say, time
             return True
         await asyncio.sleep(1.0)
     say(f"the ranking policy was not ready after {timeout_s:.0f} s: early requests get the fallback ranking")
+    return False
+
+
+async def _wait_first_model(producer, probes: dict, world, children, say, timeout_s: float = 180.0) -> bool:
+    """Send probe requests until one is ranked by a knowledge model the trainer promoted (a
+    ``model_version`` other than ``collaborative``), at most ``timeout_s``. Probe answers are not counted
+    in the demo's figures."""
+    from driftrec.core.contracts import RecommendationRequest
+    from driftrec.streams.policy_ranker import COLLABORATIVE
+
+    loop = asyncio.get_running_loop()
+    begun = loop.time()
+    deadline = begun + timeout_s
+    n = 0
+    announced = False
+    while loop.time() < deadline:
+        n += 1
+        req = RecommendationRequest(event_id=f"demo-model-probe-{n}", event_time=time.time(), user_id="demo-probe",
+                                    k=K, domain=world.domain)
+        fut = probes[req.event_id] = loop.create_future()
+        await producer.send(req)
+        try:
+            rec = await asyncio.wait_for(fut, 5.0)
+        except asyncio.TimeoutError:
+            children.check()
+            continue
+        version = rec.get("model_version") or ""
+        if not rec.get("fallback") and version and version != COLLABORATIVE:
+            if announced:
+                say(f"the trainer's first knowledge model serves ({version}) after {loop.time() - begun:.1f} s")
+            return True
+        if not announced:
+            say(f"halfway: waiting for the trainer's first knowledge model (at most {timeout_s:.0f} s)")
+            announced = True
+        children.check()
+        await asyncio.sleep(1.0)
+    say(f"no knowledge model from the trainer after {timeout_s:.0f} s: going on with the collaborative policy")
     return False
 
 
@@ -286,7 +324,7 @@ def summary_lines(stats: dict) -> list[str]:
 
 
 async def _drive(settings, bootstrap, world, titles, events, request_every, rate, scorer_url, children, say,
-                 quiet, grace_s, wait_ready: bool = False) -> dict:
+                 quiet, grace_s, wait_ready: bool = False, wait_model: bool = False) -> dict:
     from driftrec.client import AsyncProducer, subscribe
 
     stats = {"events": 0, "requests": 0, "answered": 0, "fallback": 0}
@@ -333,7 +371,18 @@ async def _drive(settings, bootstrap, world, titles, events, request_every, rate
         interval = 1.0 / rate if rate > 0 else 0.0
         started = time.monotonic()
         futures = []
+        # Halfway through a bounded run the trainer has been triggered (it trains every events/5) but, on a
+        # slow CPU, may not have promoted its first knowledge model yet: the demo then waits for it (bounded)
+        # so that the second half of the requests shows the hot-swap instead of racing the trainer.
+        midway = events // 2 if wait_model and events else None
         for ev in world.events(events if events is not None else 10**12, request_every=request_every):
+            if midway is not None and stats["events"] >= midway:
+                midway = None
+                await asyncio.gather(*futures)
+                futures.clear()
+                paused = time.monotonic()
+                await _wait_first_model(producer, probes, world, children, say)
+                started += time.monotonic() - paused  # the pause does not count against the replay rate
             wire = ev.to_wire()
             wire["event_time"] = time.time()
             if wire["type"] == "recommendation_request":
