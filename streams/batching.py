@@ -12,7 +12,9 @@ table recovery) and changes only how fetched records reach the agents that ask f
   topic routed to a :class:`BatchRoute`, every record of one fetch (all its partitions) becomes one
   :class:`MessageBatch` that is put on the route's Faust channel in one step; other topics take
   Faust's own per-message path unchanged. Read offsets, gaps, generation changes and paused flow
-  are handled as in Faust's loop.
+  are handled as in Faust's loop, and the input records of a fetch that was out while the partitions
+  were sought to their committed offsets (the end of a rebalance) are dropped and the partitions sought
+  again (those records may predate the seek).
 * :func:`batch_agent` registers a Faust agent on that channel. Its handler returns, per batch, the
   awaitables that make the batch's outputs durable (changelog records acknowledged by the broker,
   online-store rows written, forwards acknowledged). The batch's messages are acknowledged to
@@ -28,8 +30,11 @@ table recovery) and changes only how fetched records reach the agents that ask f
   later batch is acknowledged meanwhile. ``driftrec_consumer_uncommitted_records`` (the app's
   timer) shows records read but not committed, so a stall is visible before that too.
 * On a rebalance, batches still queued are dropped by Faust's flow control (their messages were
-  never acknowledged, so they are fetched again from the committed offsets), and the revoke
-  handler waits for the batches already taken to become durable before the partitions move on.
+  never acknowledged, so they are fetched again from the committed offsets), a batch that reaches the
+  agent after the rebalance began (it was being put on the channel meanwhile) is dropped unprocessed,
+  as Faust's streams drop a message of an older generation
+  (``driftrec_consumer_stale_batches_total``), and the revoke handler waits for the batches already
+  taken to become durable before the partitions move on.
 
 ``app.batch_routes`` maps topic names to routes; :meth:`driftrec.streams.app.DriftrecApp._new_transport`
 installs :class:`BatchingTransport`.
@@ -115,6 +120,13 @@ class BatchRoute:
 class BatchingConsumer(faust_aiokafka.Consumer):
     """Faust's aiokafka consumer that delivers routed topics a fetch at a time."""
 
+    #: how many seeks to the committed offsets have begun (a fetch out meanwhile may predate one)
+    _driftrec_seeks = 0
+
+    async def perform_seek(self) -> None:
+        self._driftrec_seeks += 1
+        await super().perform_seek()
+
     async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover - exercised end to end
         routes: dict[str, BatchRoute] = getattr(self.app, "batch_routes", {})
         callback = self.callback
@@ -127,10 +139,23 @@ class BatchingConsumer(faust_aiokafka.Consumer):
         try:
             while not (consumer_should_stop() or fetcher_should_stop()):
                 set_flag(CONSUMER_FETCHING)
+                seeks = self._driftrec_seeks
                 records, active = await self._wait_next_records(1.0)
                 await self.sleep(0)  # as Faust: never starve the loop when fetches return at once
                 if not records or self.should_stop:
                     continue
+                reseek = False
+                if self._driftrec_seeks != seeks:
+                    # The partitions were sought to their committed offsets (the end of a rebalance's
+                    # recovery) while this fetch was out - the Kafka client fetches on its own thread - so
+                    # its records of the input topics may come from the positions before that seek.
+                    # Taking them would move the read offsets past records that are fetched again next and
+                    # then skipped as already read: never processed, never acknowledged. Drop those and
+                    # seek again below; changelog records (a recovery or a standby reading) go on as usual.
+                    stale = [tp for tp in records if not self._is_changelog_tp(tp)]
+                    if stale:
+                        records = {tp: recs for tp, recs in records.items() if tp not in stale}
+                        reseek = True
                 generation = self.app.consumer_generation_id
                 batches: dict[BatchRoute, list] = {}
                 for tp, recs in records.items():
@@ -160,6 +185,8 @@ class BatchingConsumer(faust_aiokafka.Consumer):
                 for route, messages in batches.items():
                     if messages:
                         await route.deliver(MessageBatch(messages))
+                if reseek and self.flow_active:  # (a rebalance under way seeks at its end anyway)
+                    await self.perform_seek()
                 unset_flag(CONSUMER_FETCHING)
         except self.consumer_stopped_errors:
             if self.transport.app.should_stop:
@@ -286,6 +313,16 @@ async def _durable(futures: list, name: str, timeout: float | None = None) -> Ba
     return None
 
 
+def _stale(app: "faust.App", batch: MessageBatch) -> bool:
+    """Whether ``batch`` was fetched before the current rebalance (flow suspended, or an older generation)."""
+    flow = getattr(app, "flow_control", None)
+    if flow is not None and not flow.is_active():
+        return True
+    generation = app.consumer_generation_id
+    messages = batch.messages
+    return bool(messages) and (messages[0].generation_id != generation or messages[-1].generation_id != generation)
+
+
 def batch_agent(app: "faust.App", topics: Iterable[Any], *, name: str, handler: Handler,
                 max_in_flight: int = 64) -> BatchRoute:
     """Register a Faust agent that receives ``topics`` as :class:`MessageBatch` objects.
@@ -317,7 +354,17 @@ def batch_agent(app: "faust.App", topics: Iterable[Any], *, name: str, handler: 
     app.task(run_acker)
 
     async def agent(stream):
+        from driftrec.core import metrics
+
+        stale = metrics.STALE_BATCHES.labels(agent=name)
         async for batch in stream:
+            if _stale(app, batch):
+                # As Faust's own streams skip a message of an older generation: its partition may belong to
+                # another worker now, which reads it again from the committed offsets; processing it here
+                # would write state and forwards for a partition this worker no longer owns.
+                stale.inc()
+                log.info("%s: dropping a batch of %d records fetched before a rebalance", name, len(batch))
+                continue
             durable = await handler(batch)
             await acker.submit(batch, list(durable or ()))
 

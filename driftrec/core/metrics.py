@@ -116,6 +116,12 @@ CONSUMER_UNCOMMITTED = Gauge(
     ["topic"],
 )
 
+STALE_BATCHES = Counter(
+    "driftrec_consumer_stale_batches_total",
+    "Fetched batches dropped before processing because a rebalance began after they were fetched (their "
+    "records are read again from the committed offsets by whoever owns the partitions now), by batch agent.",
+    ["agent"],
+)
 OUTPUT_RETRIES = Counter(
     "driftrec_output_retries_total",
     "Batch outputs re-issued after a failure (dead letters), by batch agent; the worker stops once "

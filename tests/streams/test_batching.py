@@ -353,6 +353,38 @@ async def test_messages_fetched_before_a_rebalance_are_not_acknowledged():
         await h.close()
 
 
+async def test_a_batch_fetched_before_a_rebalance_is_dropped_unprocessed():
+    """A batch that reaches the agent after a rebalance began (it was being put on the channel meanwhile)
+    is not handed to the handler: its partition may be another worker's now, which reads it again from
+    the committed offsets. Faust's streams drop a message of an older generation the same way."""
+    from driftrec.core import metrics
+
+    seen: list = []
+
+    async def handler(batch):
+        seen.append(batch)
+        return []
+
+    h = _Harness(handler, name="test.stale")
+    dropped = metrics.STALE_BATCHES.labels(agent="test.stale")
+    before = dropped._value.get()
+    try:
+        h.app.consumer_generation_id = 2
+        stale = _batch(0, 1, generation=1)
+        fresh = _batch(5, 6, generation=2)
+        await h.stream.q.put(stale)
+        await h.stream.q.put(fresh)
+        await _until(lambda: len(h.acked) == 2)
+        assert seen == [fresh]
+        assert h.acked == fresh.messages
+        h.app.flow_control = SimpleNamespace(is_active=lambda: False)  # a rebalance under way: flow suspended
+        await h.stream.q.put(_batch(7, generation=2))
+        await _until(lambda: dropped._value.get() == before + 2)
+        assert seen == [fresh] and h.acked == fresh.messages
+    finally:
+        await h.close()
+
+
 async def test_at_most_max_in_flight_batches_wait_for_their_outputs():
     outputs: list[asyncio.Future] = []
     handled = []
@@ -507,6 +539,15 @@ class _FakeConsumer:
     async def sleep(self, s):
         await asyncio.sleep(s)
 
+    _driftrec_seeks = 0  # BatchingConsumer's count of seeks begun (the test bumps it to simulate one)
+    seeks = 0
+
+    async def perform_seek(self):
+        self.seeks += 1
+
+    def _is_changelog_tp(self, tp):
+        return tp.topic.endswith("-changelog")
+
     def _to_message(self, tp, rec):
         return _Msg(rec.offset, self.app.consumer_generation_id, tp.topic, tp.partition)
 
@@ -593,3 +634,37 @@ async def test_drain_delivers_nothing_of_a_fetch_during_which_a_rebalance_began(
     c = _FakeConsumer(app, [{tp0: _recs(0, 1), tp1: _recs(0)}], on_fetch=rebalance_after_first_partition)
     await _drain(c)
     assert route.channel.put_values == []
+
+
+async def test_input_records_of_a_fetch_that_was_out_during_a_seek_are_dropped_and_the_partitions_sought_again():
+    """The Kafka client fetches on its own thread: a fetch out while the rebalance's recovery seeks the
+    partitions to their committed offsets can return input records from the positions before that
+    seek. Taking them would move the read offset past records fetched again next and then skipped as
+    already read (never processed, never acknowledged). The drain loop drops those records and seeks
+    again; changelog records of the same fetch (a recovery or a standby reading) are delivered as usual -
+    dropping them would leave the recovery waiting for records it never gets."""
+    app, route = _drain_app()
+    tp, changelog = TP("driftrec.clicks", 0), TP("driftrec-features-items-changelog", 2)
+
+    def sought_during_fetch(consumer):
+        if consumer._fetches:  # the first fetch: the end of a rebalance sought while it was out
+            consumer._driftrec_seeks += 1
+            consumer._read_offset[tp] = 99  # the seek: committed offset 100 (Faust's convention)
+
+    c = _FakeConsumer(app, [{tp: _recs(250, 251), changelog: _recs(7, 8)}, {tp: _recs(100, 101)}],
+                      on_fetch=sought_during_fetch)
+    await _drain(c)
+    assert c.seeks == 1
+    (batch,) = route.channel.put_values
+    assert [m.offset for m in batch.messages] == [100, 101]  # the records after the committed offset, not skipped
+    assert [(m.topic, m.offset) for m in c.callbacked] == [(changelog.topic, 7), (changelog.topic, 8)]
+    assert c.gaps == []
+
+
+async def test_a_fetch_with_no_seek_meanwhile_is_taken_whole_and_seeks_nothing():
+    app, route = _drain_app()
+    tp = TP("driftrec.clicks", 0)
+    c = _FakeConsumer(app, [{tp: _recs(5, 6)}])
+    await _drain(c)
+    assert c.seeks == 0
+    assert [m.offset for m in route.channel.put_values[0].messages] == [5, 6]
