@@ -63,10 +63,12 @@ class PolicyArm(Arm):
         self.fits: list[dict] = []
 
     def scores(self, user: str, ts: float) -> np.ndarray:
-        return self.policy.score_all(user, ts)
+        return self.policy.rank_scores(user, ts)  # what the worker ranks by (RankingPolicy.recommend)
 
     def observe(self, user, item, rating, ts, scores) -> None:
-        self.policy.observe(user, item, rating, ts, scores=scores)
+        # the scores double as the fusion's hard-negative pool; before the fusion has learnt they are the
+        # prior's, and learning must use the fusion's own (as the worker's learner does)
+        self.policy.observe(user, item, rating, ts, scores=scores if self.policy.corrector.n_learned else None)
 
     def prefetch(self, events: Sequence[tuple]) -> None:
         self.policy.prefetch(events)

@@ -504,10 +504,22 @@ class RankingPolicy:
         order = cand[np.lexsort((cand, -masked[cand]))][:k]
         return order[np.isfinite(masked[order])]
 
+    def rank_scores(self, user: str, ts: float) -> np.ndarray:
+        """The scores the policy ranks ``user``'s items by: the fusion's (:meth:`score_all`) once it has
+        learnt from anything. Before that (a worker just started, whose fusion has not come back from its
+        learner process yet, or a log's first events) the fusion scores every item alike, which would leave
+        catalogue order; the policy then ranks by a prior instead - the user's sequence-aware co-visitation
+        plus decayed popularity (popularity for a user with no history), as ``p / (1 + p)``."""
+        if self.corrector.n_learned:
+            return self.score_all(user, ts)
+        F = self.state.base_features(user, None, ts)
+        prior = F[:, BASE_FEATURES.index("knn_seq")] + F[:, BASE_FEATURES.index("dpop")]
+        return prior / (1.0 + prior)
+
     def recommend(self, user: str, k: int, ts: float, *, exclude_seen: bool = True,
                   candidates: Sequence[str] | None = None) -> list[tuple[str, float]]:
         """The ``k`` best items for ``user`` (among ``candidates`` when given), with their scores."""
-        scores = self.score_all(user, ts)
+        scores = self.rank_scores(user, ts)
         allowed = self.allowed(user) if exclude_seen else np.ones(len(scores), dtype=bool)
         if candidates is not None:
             pick = np.zeros(len(scores), dtype=bool)

@@ -136,3 +136,36 @@ def test_features_of_some_columns_are_those_columns_of_the_whole_catalogue(world
         for name in ("km", "km_rank"):
             j = p.feature_names.index(name)
             assert np.array_equal(some[:, j], full[cols, j])
+
+
+def test_before_the_fusion_has_learnt_the_policy_ranks_by_its_prior_not_catalogue_order(world):
+    """A worker's policy follows events into its state at once but gets its fusion from the learner process
+    later: until the fusion has learnt anything it would score every item alike (catalogue order for
+    everyone). It ranks by co-visitation + decayed popularity instead; once the fusion has learnt, by the
+    fusion - and the replay's arm ranks by the same scores."""
+    from driftrec.model.evaluation.arms import PolicyArm
+
+    items, events, _ = world
+    follower = _policy(items)
+    follower.follow_many(events[:600])  # the state only, as the worker does with a learner process
+    assert follower.corrector.n_learned == 0
+    ts = events[599][3] + 60
+    fused = follower.score_all("nobody", ts)
+    assert np.ptp(fused) == 0  # the untrained fusion cannot tell items apart
+    cold = [i for i, _ in follower.recommend("nobody", 10, ts)]
+    assert cold != list(items)[:10]  # not catalogue order ...
+    counts = follower.dpop.score_all("nobody", ts)
+    top = np.argsort(-counts, kind="stable")[:10]
+    assert cold == [follower.item_ids[j] for j in top]  # ... but decayed popularity, for a user with no history
+    user = events[599][0]
+    mine = [follower.item_ids[j] for j in np.argsort(-follower.rank_scores(user, ts), kind="stable")
+            if j not in follower.seen.get(user, ())][:10]
+    assert [i for i, _ in follower.recommend(user, 10, ts)] == mine != cold  # the user's co-visitation counts
+    arm = PolicyArm("driftrec", follower)
+    assert np.array_equal(arm.scores(user, ts), follower.rank_scores(user, ts))
+
+    learnt = _policy(items)
+    for ev in events[:600]:
+        learnt.observe(*ev)
+    assert learnt.corrector.n_learned > 0
+    assert np.array_equal(learnt.rank_scores(user, ts), learnt.score_all(user, ts))
