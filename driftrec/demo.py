@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import itertools
 import os
 import secrets
 import shutil
@@ -179,18 +179,20 @@ def run_demo(settings: Settings, *, events: int | None = 2000, workers: int = 1,
 K = 10  # the demo's requests ask for a top-10: the online HR@10 below
 
 
-async def _wait_ranking_ready(producer, probes: dict, world, children, say, timeout_s: float = 180.0) -> bool:
-    """Send probe requests until one is answered by the ranking policy (not its start-up fallback): the
-    worker has read the catalogue and built its policy. Probe users are not in the world."""
+_probe_ids = itertools.count(1)
+
+
+async def _probe_until(producer, probes: dict, world, children, accept, timeout_s: float, waiting=None) -> dict | None:
+    """Send a probe request (user ``demo-probe``, not in the world; its answers are not counted in the
+    demo's figures) every second or so until an answer satisfies ``accept``; that answer, or None after
+    ``timeout_s``. ``waiting()`` is called once, at the first answer that does not."""
     from driftrec.core.contracts import RecommendationRequest
 
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
-    n = 0
     while loop.time() < deadline:
-        n += 1
-        req = RecommendationRequest(event_id=f"demo-probe-{n}", event_time=time.time(), user_id="demo-probe", k=K,
-                                    domain=world.domain)
+        req = RecommendationRequest(event_id=f"demo-probe-{next(_probe_ids)}", event_time=time.time(),
+                                    user_id="demo-probe", k=K, domain=world.domain)
         fut = probes[req.event_id] = loop.create_future()
         await producer.send(req)
         try:
@@ -198,49 +200,51 @@ async def _wait_ranking_ready(producer, probes: dict, world, children, say, time
         except asyncio.TimeoutError:
             children.check()
             continue
-        if not rec.get("fallback"):
-            say(f"ranking ready ({rec.get('model_version')})")
-            return True
+        if accept(rec):
+            return rec
+        if waiting is not None:
+            waiting()
+            waiting = None
+        children.check()
         await asyncio.sleep(1.0)
-    say(f"the ranking policy was not ready after {timeout_s:.0f} s: early requests get the fallback ranking")
-    return False
+    return None
+
+
+async def _wait_ranking_ready(producer, probes: dict, world, children, say, timeout_s: float = 180.0) -> bool:
+    """Probe until a request is answered by the ranking policy (not its start-up fallback): the worker has
+    read the catalogue and built its policy."""
+    rec = await _probe_until(producer, probes, world, children, lambda r: not r.get("fallback"), timeout_s)
+    if rec is None:
+        say(f"the ranking policy was not ready after {timeout_s:.0f} s: early requests get the fallback ranking")
+        return False
+    say(f"ranking ready ({rec.get('model_version')})")
+    return True
 
 
 async def _wait_first_model(producer, probes: dict, world, children, say, timeout_s: float = 180.0) -> bool:
-    """Send probe requests until one is ranked by a knowledge model the trainer promoted (a
-    ``model_version`` other than ``collaborative``), at most ``timeout_s``. Probe answers are not counted
-    in the demo's figures."""
-    from driftrec.core.contracts import RecommendationRequest
+    """Probe until a request is ranked by a knowledge model the trainer promoted (a ``model_version``
+    other than ``collaborative``), at most ``timeout_s``."""
     from driftrec.streams.policy_ranker import COLLABORATIVE
 
     loop = asyncio.get_running_loop()
     begun = loop.time()
-    deadline = begun + timeout_s
-    n = 0
-    announced = False
-    while loop.time() < deadline:
-        n += 1
-        req = RecommendationRequest(event_id=f"demo-model-probe-{n}", event_time=time.time(), user_id="demo-probe",
-                                    k=K, domain=world.domain)
-        fut = probes[req.event_id] = loop.create_future()
-        await producer.send(req)
-        try:
-            rec = await asyncio.wait_for(fut, 5.0)
-        except asyncio.TimeoutError:
-            children.check()
-            continue
-        version = rec.get("model_version") or ""
-        if not rec.get("fallback") and version and version != COLLABORATIVE:
-            if announced:
-                say(f"the trainer's first knowledge model serves ({version}) after {loop.time() - begun:.1f} s")
-            return True
-        if not announced:
-            say(f"halfway: waiting for the trainer's first knowledge model (at most {timeout_s:.0f} s)")
-            announced = True
-        children.check()
-        await asyncio.sleep(1.0)
-    say(f"no knowledge model from the trainer after {timeout_s:.0f} s: going on with the collaborative policy")
-    return False
+    waited = False
+
+    def waiting() -> None:
+        nonlocal waited
+        waited = True
+        say(f"halfway: waiting for the trainer's first knowledge model (at most {timeout_s:.0f} s)")
+
+    def by_a_model(rec: dict) -> bool:
+        return not rec.get("fallback") and (rec.get("model_version") or COLLABORATIVE) != COLLABORATIVE
+
+    rec = await _probe_until(producer, probes, world, children, by_a_model, timeout_s, waiting=waiting)
+    if rec is None:
+        say(f"no knowledge model from the trainer after {timeout_s:.0f} s: going on with the collaborative policy")
+        return False
+    if waited:
+        say(f"the trainer's first knowledge model serves ({rec['model_version']}) after {loop.time() - begun:.1f} s")
+    return True
 
 
 class OnlineComparison:

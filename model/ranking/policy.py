@@ -16,7 +16,6 @@ order and the same model version give the same lists.
 
 from __future__ import annotations
 
-import math
 import zlib
 from dataclasses import asdict, dataclass
 from typing import Iterable, Mapping, Sequence
