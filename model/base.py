@@ -313,3 +313,13 @@ class ItemSequenceModel(ABC):
     def text_vectors(self, item_ids: Sequence[str] | None = None) -> np.ndarray | None:
         """L2-normalised LM text vectors of ``item_ids`` (None: the model has no text part)."""
         return None
+
+    def user_vector(self, history: Sequence[str]) -> Any | None:
+        """A compact representation of the user (a vector) from which :meth:`score_vector` gives the same
+        scores as :meth:`score_items`, so that a caller may keep it while the user's history is unchanged;
+        None (the default): the model has none and :meth:`score_items` is the way to score."""
+        return None
+
+    def score_vector(self, vector: Any, item_ids: Sequence[str]) -> np.ndarray:
+        """Scores of ``item_ids`` for a user whose :meth:`user_vector` is ``vector``."""
+        raise NotImplementedError(f"{type(self).__name__} has no user vectors")

@@ -420,7 +420,7 @@ class PolicyRanker(Ranker):
             return []
         cols = np.asarray([policy.index[i] for i in item_ids], dtype=np.int64)
         names = policy.feature_names
-        F = policy.features(user, cols, ts)
+        F = policy.ranked_features(user, cols, ts)
         contrib = policy.corrector.contributions(F, names)
         out = []
         for r in range(len(cols)):

@@ -288,6 +288,7 @@ class KnowledgeModel(ItemSequenceModel):
         self.index = {i: n for n, i in enumerate(self.item_ids)}
         self._texts = texts
         self._item_entity = item_entity or {}
+        self._cols_memo: tuple | None = None
         with torch.no_grad():
             self.table = net.items()
 
@@ -342,26 +343,49 @@ class KnowledgeModel(ItemSequenceModel):
     def user_vector(self, history: Sequence[str]) -> torch.Tensor:
         return self.user_vectors([history])[0]
 
+    def _columns(self, item_ids: Sequence[str]) -> np.ndarray | None:
+        """The table row of each of ``item_ids`` (-1: an item the model does not know); None when they are
+        the table's own order. The last answer is kept (a worker's catalogue order is not its model's,
+        and it asks with the same list every time), checked against the list and the table's size."""
+        ids = item_ids if isinstance(item_ids, list) else list(item_ids)
+        memo = self._cols_memo
+        # the kept list holds the caller's own strings: comparing it is mostly identity checks
+        if memo is not None and memo[1] == len(self.item_ids) and memo[0] == ids:
+            return memo[2]
+        cols = (None if ids == self.item_ids else
+                np.fromiter((self.index.get(i, -1) for i in ids), dtype=np.int64, count=len(ids)))
+        self._cols_memo = (list(ids), len(self.item_ids), cols)
+        return cols
+
+    @staticmethod
+    def _gather(all_scores: np.ndarray, cols: np.ndarray | None) -> np.ndarray:
+        """``all_scores`` (table order, one row or several) in the order of ``cols``; unknown items get the
+        row's lowest score."""
+        if cols is None:
+            return all_scores
+        out = all_scores[..., np.maximum(cols, 0)]
+        unknown = cols < 0
+        if unknown.any():
+            low = all_scores.min(axis=-1, keepdims=True) if all_scores.shape[-1] else np.zeros(all_scores.shape[:-1] + (1,))
+            out[..., unknown] = np.broadcast_to(low, out[..., unknown].shape)
+        return out
+
     def score_items_many(self, histories: Sequence[Sequence[str]], ratings: Sequence[Sequence[float | None]],
                          item_ids: Sequence[str]) -> np.ndarray:
-        if list(item_ids) != self.item_ids:
-            return super().score_items_many(histories, ratings, item_ids)
+        if not len(histories):
+            return np.zeros((0, len(item_ids)))
         H = self.user_vectors(histories)
         with torch.no_grad():
-            return torch.stack([self.table @ h for h in H]).double().numpy() if len(H) else np.zeros((0, len(item_ids)))
+            rows = torch.stack([self.table @ h for h in H]).double().numpy()
+        return self._gather(rows, self._columns(item_ids))
+
+    def score_vector(self, vector: torch.Tensor, item_ids: Sequence[str]) -> np.ndarray:
+        with torch.no_grad():
+            all_scores = (self.table @ vector).double().numpy()
+        return self._gather(all_scores, self._columns(item_ids))
 
     def score_items(self, history: Sequence[str], ratings: Sequence[float | None], item_ids: Sequence[str]) -> np.ndarray:
-        h = self.user_vector(history)
-        with torch.no_grad():
-            all_scores = (self.table @ h).double().numpy()
-        if list(item_ids) == self.item_ids:
-            return all_scores
-        out = np.full(len(item_ids), float(all_scores.min()) if len(all_scores) else 0.0)
-        for n, i in enumerate(item_ids):
-            j = self.index.get(i)
-            if j is not None:
-                out[n] = all_scores[j]
-        return out
+        return self.score_vector(self.user_vector(history), item_ids)
 
     def text_vectors(self, item_ids: Sequence[str] | None = None) -> np.ndarray | None:
         if self._texts is None:

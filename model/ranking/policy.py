@@ -17,8 +17,9 @@ order and the same model version give the same lists.
 from __future__ import annotations
 
 import zlib
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -302,6 +303,8 @@ class RankingPolicy:
         self.model: ItemSequenceModel | None = None
         self._km_memo: tuple | None = None
         self._km_pre: dict[tuple, np.ndarray] = {}  # prefetched model scores (see prefetch)
+        # user -> ((len(history), model epoch), the model's user vector): the newest USER_VECTORS users
+        self._uvecs: OrderedDict[str, tuple[tuple[int, int], Any]] = OrderedDict()
         self._pools: dict[str, list] = {}  # user -> [learning positives since ranked, hard pool] (see learn)
         self.state.listeners.append(self._item_added)
         self.set_model(model)
@@ -377,6 +380,8 @@ class RankingPolicy:
         self._model_epoch = getattr(self, "_model_epoch", 0) + 1
         self._km_memo = None
         self._km_pre.clear()
+        self._uvecs.clear()
+        self._ranked_memo = None
         if model is not None:
             self._sync_model_items()
 
@@ -391,6 +396,9 @@ class RankingPolicy:
         missing = [i for i in self.item_ids if not model.knows(i)]
         if missing:
             model.add_items([items[i] for i in missing if i in items])
+            if any(self.n_int[self.index[i]] for i in missing):
+                # an item some history already holds became known: those users' vectors change
+                self._uvecs.clear()
         if self._text_on:
             known = [i for i in self.item_ids if model.knows(i)]
             self.lm_nb.set_item_vectors(known, model.text_vectors(known))
@@ -407,10 +415,34 @@ class RankingPolicy:
             return self._km_memo[1]
         km = self._km_pre.pop(key, None)
         if km is None:
-            km = np.asarray(self.model.score_items([self.item_ids[i] for i, _ in hist], [r for _, r in hist],
-                                                   self.item_ids), dtype=np.float64)
+            vec = self._user_vector(user, hist)
+            if vec is not None:
+                km = np.asarray(self.model.score_vector(vec, self.item_ids), dtype=np.float64)
+            else:
+                km = np.asarray(self.model.score_items([self.item_ids[i] for i, _ in hist], [r for _, r in hist],
+                                                       self.item_ids), dtype=np.float64)
         self._km_memo = (key, km)
         return km
+
+    USER_VECTORS = 65_536  # user vectors kept (64 floats each with the default model: ~17 MB)
+
+    def _user_vector(self, user: str, hist) -> Any | None:
+        """The knowledge model's vector of ``user`` (None: the model has none), kept while the user's
+        history and the model are unchanged: a user who asks again before a new interaction costs one
+        matrix-vector product, not a forward of the sequence encoder."""
+        version = (len(hist), self._model_epoch)
+        hit = self._uvecs.get(user)
+        if hit is not None and hit[0] == version:
+            self._uvecs.move_to_end(user)
+            return hit[1]
+        vec = self.model.user_vector([self.item_ids[i] for i, _ in hist])
+        if vec is None:
+            return None
+        self._uvecs[user] = (version, vec)
+        self._uvecs.move_to_end(user)
+        while len(self._uvecs) > self.USER_VECTORS:
+            self._uvecs.popitem(last=False)
+        return vec
 
     def prefetch(self, events: Sequence[tuple]) -> int:
         """Compute, in batched forwards, the knowledge model's scores that observing ``events`` ((user, item,
@@ -489,7 +521,18 @@ class RankingPolicy:
 
     def score_all(self, user: str, ts: float) -> np.ndarray:
         """The fused score of every item (aligned with :attr:`item_ids`) for ``user`` at time ``ts``."""
-        return self.corrector.predict_many(self.features(user, None, ts), self.feature_names)
+        F = self.features(user, None, ts)
+        self._ranked_memo = ((user, ts, self.state.observed, len(self.item_ids), self._model_epoch), F)
+        return self.corrector.predict_many(F, self.feature_names)
+
+    def ranked_features(self, user: str, cols: np.ndarray, ts: float) -> np.ndarray:
+        """The features of ``cols`` for ``user`` at ``ts``, taken from the whole-catalogue matrix the last
+        :meth:`score_all` computed when it was this user's at this time and state (what a server asks for
+        the items it has just ranked, to explain them), else computed (:meth:`features`)."""
+        memo = getattr(self, "_ranked_memo", None)
+        if memo is not None and memo[0] == (user, ts, self.state.observed, len(self.item_ids), self._model_epoch):
+            return memo[1][np.asarray(cols, dtype=np.int64)]
+        return self.features(user, cols, ts)
 
     def top(self, scores: np.ndarray, allowed: np.ndarray, k: int) -> np.ndarray:
         """The ``k`` best allowed items, best first; ties broken by catalogue order (deterministic)."""

@@ -169,3 +169,83 @@ def test_before_the_fusion_has_learnt_the_policy_ranks_by_its_prior_not_catalogu
         learnt.observe(*ev)
     assert learnt.corrector.n_learned > 0
     assert np.array_equal(learnt.rank_scores(user, ts), learnt.score_all(user, ts))
+
+
+def test_scores_in_another_item_order_are_the_models_own_reordered(world):
+    """A worker's catalogue order is not its model's: the scores it gets for its order (and, batched, for
+    several users) are the model's own scores reordered, with an item the model does not know at the
+    user's lowest score - also when the order changes between calls (the column map is kept)."""
+    items, events, model = world
+    own = list(model.item_ids)
+    rng = np.random.default_rng(4)
+    hists = [[own[j] for j in rng.integers(0, len(own), size=n)] for n in (2, 9, 20)]
+    for trial in range(3):
+        order = [own[j] for j in rng.permutation(len(own))]
+        if trial == 2:
+            order[5] = "not-in-the-model"
+        for h in hists:
+            mine = model.score_items(h, [5.0] * len(h), own)
+            got = model.score_items(h, [5.0] * len(h), order)
+            want = np.asarray([mine[own.index(i)] if i in own else mine.min() for i in order])
+            assert np.array_equal(got, want)
+        many = model.score_items_many(hists, [[5.0] * len(h) for h in hists], order)
+        for h, row in zip(hists, many):
+            assert np.array_equal(row, model.score_items(h, [5.0] * len(h), order))
+
+
+def test_user_vectors_are_kept_until_the_history_or_the_model_changes(world, monkeypatch):
+    items, events, model = world
+    p = RankingPolicy(PolicyConfig(), items, list(reversed(list(items))))  # not the model's order
+    for ev in events[:700]:
+        p.observe(*ev)
+    p.set_model(model)
+    forwards: list[int] = []
+    real = model.user_vector
+    monkeypatch.setattr(model, "user_vector", lambda h: (forwards.append(len(h)), real(h))[1])
+
+    def fresh(user):
+        return model.score_items([p.item_ids[i] for i, _ in p.hist[user]], [], p.item_ids)
+
+    users = sorted(p.hist)[:4]
+    first = {u: p.model_scores(u).copy() for u in users}
+    assert len(forwards) == 4
+    for u in users:  # asked again (the one-answer memo holds the last user only): no new forward
+        assert np.array_equal(p.model_scores(u), first[u])
+        assert np.array_equal(first[u], fresh(u))
+    assert len(forwards) == 4 + 4  # fresh() ran the model itself
+    u = users[0]
+    item = next(i for i in p.item_ids if p.index[i] not in p.seen[u])
+    p.observe(u, item, 5.0, events[699][3] + 1)  # a new interaction: the vector is computed again
+    n = len(forwards)
+    assert np.array_equal(p.model_scores(u), fresh(u))
+    assert len(forwards) >= n + 1 and forwards[n] == len(p.hist[u])
+    assert not np.array_equal(p.model_scores(u), first[u])
+    n = len(forwards)
+    p.set_model(model)  # a new model (here: the same one again) - nothing kept survives it
+    p.model_scores(users[1])
+    assert len(forwards) == n + 1
+    p.USER_VECTORS = 2
+    for u in users:
+        p.model_scores(u)
+    assert len(p._uvecs) == 2 and list(p._uvecs) == users[2:]
+
+
+def test_ranked_features_are_those_the_ranking_used_until_the_state_moves(world):
+    """What a server explains its list with: the rows of the matrix the last ranking computed (same user,
+    time, state and model), else the features computed afresh."""
+    items, events, model = world
+    p = _policy(items)
+    for ev in events[:700]:
+        p.observe(*ev)
+    p.set_model(model)
+    ts = events[699][3] + 1
+    user = sorted(p.hist)[3]
+    top = [p.index[i] for i, _ in p.recommend(user, 10, ts)]
+    assert p.corrector.n_learned > 0  # so the fusion's score_all ranked
+    full = p.features(user, None, ts)
+    assert np.array_equal(p.ranked_features(user, top, ts), full[top])
+    np.testing.assert_allclose(p.ranked_features(user, top, ts), p.features(user, top, ts), rtol=1e-6, atol=1e-9)
+    other = sorted(p.hist)[4]
+    assert np.array_equal(p.ranked_features(other, top, ts), p.features(other, top, ts))  # not the ranked user
+    p.observe(user, p.item_ids[top[0]], 5.0, ts)  # the state moved: computed afresh
+    assert np.array_equal(p.ranked_features(user, top, ts + 1), p.features(user, top, ts + 1))
