@@ -104,7 +104,6 @@ def main(argv=None):
         t1 = time.perf_counter()
         s = model.score_items(h, [None] * len(h), item_ids)
         s[[index[i] for i in h]] = -np.inf
-        top = np.argpartition(-s, 10)[:10]
         lat.append((time.perf_counter() - t1) * 1000)
         rank = int(np.sum(s > s[index[target]]))
         if rank < 10:

@@ -731,7 +731,6 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         print("--kg-link needs --kg", file=sys.stderr)
         return 2
     from driftrec.model.evaluation.movielens import DataError
-    from driftrec.model.knowledge.graph import KGError
 
     try:
         log_ = load(args.data, args.format)

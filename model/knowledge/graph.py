@@ -29,7 +29,6 @@ private entity of the pair. Relation ids are turned into readable labels (``film
 from __future__ import annotations
 
 import logging
-import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field

@@ -18,7 +18,6 @@ The combined objective is ``L = L_rec + alpha * L_KG`` with ``alpha = settings.t
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 

@@ -8,7 +8,6 @@ and its checkpoints are the real ones.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import threading

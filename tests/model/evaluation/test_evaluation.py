@@ -12,7 +12,7 @@ import pytest
 
 from driftrec.core.interactions import Interaction
 from driftrec.model.evaluation.movielens import DataError, RatingLog, load, make_item, split_title
-from driftrec.model.evaluation.prequential import EvalConfig, evaluate, evaluate_main, write_report
+from driftrec.model.evaluation.prequential import EvalConfig, evaluate, evaluate_main
 from driftrec.model.ranking.metrics import rank_metrics
 
 L3 = 1.0 / math.log2(3)  # DCG weight of 0-based rank 1
