@@ -63,11 +63,19 @@ class PolicyArm(Arm):
         self.fits: list[dict] = []
 
     def scores(self, user: str, ts: float) -> np.ndarray:
-        return self.policy.rank_scores(user, ts)  # what the worker ranks by (RankingPolicy.recommend)
+        # what the worker ranks by (RankingPolicy.rank_scores, through recommend)
+        fused = self.policy.fused_scores(user, ts)
+        ranked = self.policy.new_item_slot(user, fused)
+        self._fused = (ranked, fused)
+        return ranked
 
     def observe(self, user, item, rating, ts, scores) -> None:
-        # the scores double as the fusion's hard-negative pool; before the fusion has learnt they are the
-        # prior's, and learning must use the fusion's own (as the worker's learner does)
+        # the scores double as the fusion's hard-negative pool: the fusion's own, before the new-item slot
+        # and not the prior's before it has learnt (as the worker's learner computes them)
+        last = getattr(self, "_fused", None)
+        if last is not None and scores is last[0]:
+            scores = last[1]
+        self._fused = None
         self.policy.observe(user, item, rating, ts, scores=scores if self.policy.corrector.n_learned else None)
 
     def prefetch(self, events: Sequence[tuple]) -> None:

@@ -64,6 +64,8 @@ class EvalConfig:
     negatives: int = 6
     hard_pool_every: int = 1
     learn_fraction: float = 1.0
+    new_item_position: int = 0  # ranking.new_item_position (0 = off)
+    new_item_model_rank: int = 3
     use_lm: bool = True  # the knowledge model (LM text + graph) takes part; False = collaborative features only
     lm_update_every: int = 10000  # events between warm-started retrainings of the sequence models
     model: dict = field(default_factory=dict)  # knowledge-model training overrides (see model.knowledge.seqrec)
@@ -108,7 +110,8 @@ class EvalConfig:
             knn_user_decay=self.knn_user_decay, knn_pair_decay=self.knn_pair_decay,
             knn_max_history=self.knn_max_history, negatives=self.negatives,
             hard_pool_every=self.hard_pool_every, learn_fraction=self.learn_fraction,
-            corrector_lr=self.corrector_lr, cold_threshold=self.cold_threshold, seed=self.seed)
+            corrector_lr=self.corrector_lr, cold_threshold=self.cold_threshold,
+            new_item_position=self.new_item_position, new_item_model_rank=self.new_item_model_rank, seed=self.seed)
 
 
 # ------------------------------------------------------------------------------ knowledge graph
@@ -679,6 +682,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "positive of a user (the worker's setting of the same name)")
     p.add_argument("--learn-fraction", type=float, default=EvalConfig.learn_fraction,
                    help="ranking.learn_fraction: the share of positives the fusion learns from")
+    p.add_argument("--new-item-position", type=int, default=EvalConfig.new_item_position,
+                   help="ranking.new_item_position: where the knowledge model's best never-interacted item enters "
+                        "a user's ranking (1 = first; 0 = off, the default)")
+    p.add_argument("--new-item-model-rank", type=int, default=EvalConfig.new_item_model_rank,
+                   help="ranking.new_item_model_rank: only when the model ranks that item within its own top N "
+                        "(default 3)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: the per-event one-user forwards took 2.3 ms on two threads "
                         "of a busy 2-core machine vs 0.5 ms on one; about equal when idle; 0 = torch default)")
@@ -758,6 +767,8 @@ def _config(args) -> EvalConfig:
         half_life_s=args.half_life_days * 86400.0,
         hard_pool_every=args.hard_pool_every,
         learn_fraction=args.learn_fraction,
+        new_item_position=args.new_item_position,
+        new_item_model_rank=args.new_item_model_rank,
         threads=args.threads,
         fit_threads=args.fit_threads,
         cold_threshold=args.cold_threshold,

@@ -55,6 +55,8 @@ class PolicyConfig:
     corrector_lr: float = 0.005
     corrector_min_updates: int = 2000
     cold_threshold: int = 5
+    new_item_position: int = 0  # off: on ML-100K the slot costs more hits than it finds (README, Quality)
+    new_item_model_rank: int = 3
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -69,6 +71,8 @@ class PolicyConfig:
             raise ValueError("corrector_lr must be > 0")
         if not 0 < self.learn_fraction <= 1:
             raise ValueError("learn_fraction must be in (0, 1]")
+        if self.new_item_position < 0 or self.new_item_model_rank < 1:
+            raise ValueError("new_item_position must be >= 0 (0 = off) and new_item_model_rank >= 1")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -551,12 +555,50 @@ class RankingPolicy:
         learnt from anything. Before that (a worker just started, whose fusion has not come back from its
         learner process yet, or a log's first events) the fusion scores every item alike, which would leave
         catalogue order; the policy then ranks by a prior instead - the user's sequence-aware co-visitation
-        plus decayed popularity (popularity for a user with no history), as ``p / (1 + p)``."""
+        plus decayed popularity (popularity for a user with no history), as ``p / (1 + p)``. Then the
+        knowledge model's best never-interacted item may take one position (:meth:`new_item_slot`)."""
+        return self.new_item_slot(user, self.fused_scores(user, ts))
+
+    def fused_scores(self, user: str, ts: float) -> np.ndarray:
+        """:meth:`rank_scores` before the new-item slot: the fusion's, or the prior before it has learnt."""
         if self.corrector.n_learned:
             return self.score_all(user, ts)
         F = self.state.base_features(user, None, ts)
         prior = F[:, BASE_FEATURES.index("knn_seq")] + F[:, BASE_FEATURES.index("dpop")]
         return prior / (1.0 + prior)
+
+    def new_item_slot(self, user: str, scores: np.ndarray) -> np.ndarray:
+        """``scores`` with the knowledge model's best never-interacted item for ``user`` moved up to
+        position ``cfg.new_item_position`` (1 = first) when the model ranks it within its own top
+        ``cfg.new_item_model_rank`` of the user's allowed items; unchanged otherwise (no model, no
+        history, no such item, the slot off (0) or the item already at or above that position).
+
+        Why: an item nobody has interacted with has no collaborative signal - every co-visitation,
+        popularity and statistics feature is zero - so the fusion, learnt on items with interactions,
+        ranks it far down whatever the model says. The knowledge model scores it from its text and its
+        graph entity; this slot is the one place where that knowledge, and only it, decides."""
+        pos = self.cfg.new_item_position
+        hist = self.hist.get(user)
+        if self.model is None or not pos or not hist:
+            return scores
+        n = len(scores)
+        allowed = self.allowed(user)[:n]
+        fresh = np.flatnonzero(allowed & (self.n_int[:n] == 0))
+        if not len(fresh):
+            return scores
+        km = self.model_scores(user)[:n]
+        best = int(fresh[np.argmax(km[fresh])])
+        if int((km[allowed] > km[best]).sum()) >= self.cfg.new_item_model_rank:
+            return scores
+        masked = np.where(allowed, scores, -np.inf)
+        if pos > int(allowed.sum()) - 1:
+            return scores
+        kth = np.partition(masked, n - pos)[n - pos]  # the pos-th best allowed score
+        if not np.isfinite(kth) or masked[best] > kth:
+            return scores
+        out = scores.copy()
+        out[best] = np.nextafter(kth, np.inf)
+        return out
 
     def recommend(self, user: str, k: int, ts: float, *, exclude_seen: bool = True,
                   candidates: Sequence[str] | None = None) -> list[tuple[str, float]]:

@@ -249,3 +249,56 @@ def test_ranked_features_are_those_the_ranking_used_until_the_state_moves(world)
     assert np.array_equal(p.ranked_features(other, top, ts), p.features(other, top, ts))  # not the ranked user
     p.observe(user, p.item_ids[top[0]], 5.0, ts)  # the state moved: computed afresh
     assert np.array_equal(p.ranked_features(user, top, ts + 1), p.features(user, top, ts + 1))
+
+
+def test_the_models_best_never_interacted_item_takes_the_new_item_slot(world):
+    """Items nobody has interacted with have no collaborative signal; the knowledge model's best of them
+    for the user enters the ranking at ``new_item_position`` when the model ranks it within its own top
+    ``new_item_model_rank`` - the rest of the list keeps its order, one place down from there."""
+    items, events, model = world
+    fresh_ids = set(list(items)[-6:])
+    kept = [ev for ev in events[:900] if ev[1] not in fresh_ids]
+    ts = kept[-1][3] + 1
+
+    def policy(**cfg):
+        p = _policy(items, **cfg)
+        for ev in kept:
+            p.observe(*ev)
+        p.set_model(model)
+        return p
+
+    on, off = policy(new_item_position=3, new_item_model_rank=10_000), policy(new_item_position=0)
+    assert on.corrector.n_learned > 0
+    fresh = [on.index[i] for i in fresh_ids]
+    assert all(on.n_int[j] == 0 for j in fresh)
+    moved = 0
+    for user in sorted(on.hist)[:10]:
+        km = on.model_scores(user)
+        best = on.item_ids[max(fresh, key=lambda j: km[j])]
+        got = [i for i, _ in on.recommend(user, 10, ts)]
+        base = [i for i, _ in off.recommend(user, 10, ts)]
+        assert np.array_equal(on.fused_scores(user, ts), off.fused_scores(user, ts))  # learning sees the fusion
+        if best in base[:3]:
+            assert got == base
+            continue
+        moved += 1
+        assert got.index(best) == 2
+        assert [i for i in got if i != best] == [i for i in base if i != best][:9]
+    assert moved > 0
+    # the model must rank the item within its own top N: with N = 1 only a user whose model top item is new
+    strict = policy(new_item_position=3, new_item_model_rank=1)
+    for user in sorted(strict.hist)[:10]:
+        km = strict.model_scores(user)
+        allowed = strict.allowed(user)
+        top_is_new = int(np.flatnonzero(allowed)[np.argmax(km[allowed])]) in fresh
+        base = [i for i, _ in off.recommend(user, 10, ts)]
+        if not top_is_new:
+            assert [i for i, _ in strict.recommend(user, 10, ts)] == base
+    # no model: nothing to rank new items with, the slot is idle
+    bare = _policy(items, new_item_position=1, new_item_model_rank=10_000)
+    for ev in kept:
+        bare.observe(*ev)
+    user = sorted(bare.hist)[0]
+    assert np.array_equal(bare.rank_scores(user, ts), bare.fused_scores(user, ts))
+    with pytest.raises(ValueError):
+        PolicyConfig(new_item_position=-1)
