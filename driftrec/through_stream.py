@@ -2,7 +2,8 @@
 
 The in-process replay (protocol prequential-v1, :func:`driftrec.model.evaluation.prequential.evaluate`) and
 a real stream - an embedded Tansu broker and a ``driftrec worker`` subprocess with
-``ranking.engine=policy`` - see the same log, the same catalogue and the same knowledge model:
+``ranking.engine=policy`` - see the same log, the same catalogue, the same knowledge model and, with
+``--kg``, the same knowledge graph (the worker's ``ranking.kg_path``; the model is trained with it):
 
 1. the knowledge model is trained on the warm-up prefix (the first ``warmup_frac`` of the events),
    published (:func:`~driftrec.model.knowledge.checkpoint.publish`) into the worker's
@@ -153,24 +154,35 @@ def train_and_publish(log_, cfg, events, n_warm: int, item_ids: list[str], root:
     hist: dict[str, list[tuple[str, float]]] = {}
     for e in events[:n_warm]:
         hist.setdefault(e.user, []).append((e.item, e.rating))
-    trainer = KnowledgeTrainer(log_.items, item_ids, text=True, kg=None, seed=cfg.seed, **cfg.model)
+    from driftrec.model.knowledge.graph import load_catalogue_graph
+
+    kg = load_catalogue_graph(cfg.kg, log_.items)  # None without --kg; loaded as the worker's trainer does
+    trainer = KnowledgeTrainer(log_.items, item_ids, text=True, kg=kg, kg_alpha=cfg.kg_alpha, seed=cfg.seed,
+                               **cfg.model)
     stats = trainer.fit(list(hist.items()), initial=True)
     folder = publish(trainer, root, version, domain)
     return load_knowledge(folder, log_.items), stats
 
 
 def replay_fixed(log_, cfg, model, item_ids: list[str], *, progress: bool = False) -> tuple[dict, list[dict]]:
-    """The replay with ``model`` fixed (no refit); returns its result and driftrec's top-k per evaluation."""
+    """The replay with ``model`` fixed (no refit) and, with ``cfg.kg``, the graph's features; returns its
+    result and driftrec's top-k per evaluation."""
     from driftrec.model.evaluation.arms import PolicyArm, SourceArm
     from driftrec.model.evaluation.prequential import SYSTEM, evaluate
     from driftrec.model.ranking.policy import RankingPolicy
 
-    policy = RankingPolicy(cfg.policy_config(), log_.items, item_ids, model=model)
+    from driftrec.streams.policy_learner import policy_graph
+
+    # the graph's candidate source exactly as the worker builds it from ranking.kg_path (used whatever the
+    # replay's warm-up gate says: a worker given a graph uses it; the gate's reading is in the result)
+    graph = policy_graph(cfg.kg, log_.items, cfg.positive_threshold)
+    policy = RankingPolicy(cfg.policy_config(), log_.items, item_ids, model=model, kg=graph)
     arms: dict[str, Any] = {SYSTEM: PolicyArm(SYSTEM, policy, None)}
     for name, src in (("popularity", policy.pop), ("decayed_popularity", policy.dpop), ("itemknn", policy.knn)):
         arms[name] = SourceArm(name, src)
     points: list[dict] = []
     result = evaluate(log_, cfg, progress=progress, arms=arms, on_evaluation=points.append)
+    result["policy_features"] = list(policy.feature_names)
     return result, points
 
 
@@ -310,8 +322,8 @@ def run_through_stream(log_, cfg, workdir: str | os.PathLike, *, bootstrap: str 
     from driftrec.model.evaluation.prequential import SYSTEM
     from driftrec.model.knowledge.checkpoint import knowledge_root
 
-    if cfg.kg:
-        raise ValueError("--through-stream does not take a knowledge graph (the worker serves none)")
+    if cfg.kg and (cfg.kg_link or cfg.kg_format != "auto"):
+        raise ValueError("the worker loads a graph from one path (ranking.kg_path): no kg_link / kg_format")
     t_start = time.perf_counter()
     workdir = Path(workdir)
     events = log_.events[: cfg.limit] if cfg.limit else log_.events
@@ -322,7 +334,8 @@ def run_through_stream(log_, cfg, workdir: str | os.PathLike, *, bootstrap: str 
         raise ValueError(f"{len(missing)} item(s) of the events are not in the catalogue (e.g. {missing[0]!r})")
     base = base_settings or Settings()
     ranking = RankingSettings(engine="policy", **cfg.policy_config().as_dict(),
-                              model_watch_interval_s=base.ranking.model_watch_interval_s)
+                              model_watch_interval_s=base.ranking.model_watch_interval_s,
+                              kg_path=str(Path(cfg.kg).resolve()) if cfg.kg else None)
     broker = None
     if bootstrap is None:
         broker = EmbeddedBroker().start(base.kafka.broker_startup_timeout_s)
@@ -356,7 +369,8 @@ def run_through_stream(log_, cfg, workdir: str | os.PathLike, *, bootstrap: str 
                                                     "stream": round(stream_s, 2),
                                                     "total": round(time.perf_counter() - t_start, 2)},
                           "events": len(events), "warmup_events": n_warm, "items": len(item_ids),
-                          "replay_result": result["results"][SYSTEM]})
+                          "replay_result": result["results"][SYSTEM],
+                          "policy_features": result.get("policy_features"), "kg": cfg.kg})
 
 
 def compare(points: list[dict], served: list[dict], result: dict, k: int, *, model_version: str | None,
@@ -408,8 +422,9 @@ def through_stream_main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     parser.add_argument("--workdir", help="folder for the broker-side state (default: a temporary folder)")
     args = parser.parse_args(argv)
-    if args.kg:
-        print("error: --through-stream does not take --kg", file=sys.stderr)
+    if args.kg and (args.kg_link or args.kg_format != "auto"):
+        print("error: --through-stream takes --kg as the worker loads it (ranking.kg_path: a folder with *.kg "
+              "[+ *.link], or a triples file), without --kg-link / --kg-format", file=sys.stderr)
         return 2
     try:
         log_ = load(args.data, args.format)

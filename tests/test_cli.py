@@ -96,3 +96,14 @@ def test_passthrough_commands_get_the_leading_config(tmp_path, monkeypatch):
     cli.main(["--config", "a.yaml", "train", "--config", "b.yaml"])
     assert got["bench"] == ["--only", "x", "--config", "a.yaml"]
     assert got["train"] == ["--config", "b.yaml"]  # its own --config wins, not appended twice
+
+
+def test_through_stream_takes_a_graph_only_as_the_worker_loads_it(tmp_path, capsys):
+    """--through-stream hands --kg to the worker as ranking.kg_path (one path); a separate link file or
+    format the worker has no setting for is refused up front, with the reason, before any data is read."""
+    from driftrec.through_stream import through_stream_main
+
+    rc = through_stream_main(["--data", str(tmp_path / "none"), "--format", "ml-100k", "--kg", str(tmp_path),
+                              "--kg-link", str(tmp_path / "links.tsv")])
+    assert rc == 2
+    assert "ranking.kg_path" in capsys.readouterr().err

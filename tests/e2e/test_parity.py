@@ -50,17 +50,36 @@ def write_world_ml100k(folder: Path, world: World, n_events: int) -> None:
     (folder / "u.data").write_text("".join(rows))
 
 
-def test_worker_serves_what_the_replay_measures(tmp_path):
+def write_world_kg(folder: Path, world: World) -> Path:
+    """A RecBole-style graph of the world's items (genre and decade entities), linked by item id."""
+    folder.mkdir(parents=True, exist_ok=True)
+    triples = []
+    for it in world.items:
+        triples += [(f"m.{it.item_id}", "film.film.genre", f"g.{g}") for g in it.genres]
+        triples.append((f"m.{it.item_id}", "film.film.decade", f"d.{it.year // 10}"))
+    (folder / "world.kg").write_text("head_id:token\trelation_id:token\ttail_id:token\n"
+                                     + "".join(f"{h}\t{r}\t{t}\n" for h, r, t in triples))
+    (folder / "world.link").write_text("item_id:token\tentity_id:token\n"
+                                       + "".join(f"{it.item_id}\tm.{it.item_id}\n" for it in world.items))
+    return folder
+
+
+@pytest.mark.parametrize("with_kg", [False, True], ids=["no-graph", "graph"])
+def test_worker_serves_what_the_replay_measures(tmp_path, with_kg):
+    """With a graph the worker is given ``ranking.kg_path`` and the replay the same graph: the policy's
+    graph features and the knowledge model's entity embeddings (trained with the TransE term) on both."""
     from driftrec.through_stream import run_through_stream
 
     world = World(n_users=80, n_items=120, seed=11)
     write_world_ml100k(tmp_path / "data", world, 2000)
     log_ = load(tmp_path / "data", "ml-100k")
+    kg = str(write_world_kg(tmp_path / "kg", world)) if with_kg else None
     cfg = EvalConfig(every=3, use_lm=True, model={"dim": 16, "init_epochs": 2, "blocks": 1}, ablate=(),
-                     baselines=(), corrector_lr=0.005)
+                     baselines=(), corrector_lr=0.005, kg=kg)
     report = run_through_stream(log_, cfg, tmp_path / "run", timeout_s=60.0)
     print(json.dumps({k: v for k, v in report.items() if k != "mismatches"}, default=str))
 
+    assert ("kg" in report["policy_features"]) == with_kg  # the graph's features rank on both sides
     n = report["evaluations"]
     assert 150 <= n <= 400, n
     assert report["fallbacks"] == 0
