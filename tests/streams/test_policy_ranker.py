@@ -293,7 +293,10 @@ async def test_requests_are_ranked_while_a_backlog_is_learnt(tmp_path):
     ranked = await ranker.rank(_req("u4", k=5))
     backlog = len(ranker._pending)
     go.set()
-    assert not ranked.fallback and backlog == len(events) - 2 * LEARN_CHUNK
+    # the thread may start its first chunk while the burst is still being delivered (a short chunk): what
+    # waits is exactly what its two chunks did not take
+    assert len(done) == 2 and not ranked.fallback
+    assert backlog == len(events) - sum(done) >= len(events) - 2 * LEARN_CHUNK
     await _learnt(ranker)
     assert ranker.observed == len(events)
     ts = events[-1].event_time + 60
