@@ -533,7 +533,7 @@ class RankingPolicy:
         """The features of ``cols`` for ``user`` at ``ts``, taken from the whole-catalogue matrix the last
         :meth:`score_all` computed when it was this user's at this time and state (what a server asks for
         the items it has just ranked, to explain them), else computed (:meth:`features`)."""
-        memo = getattr(self, "_ranked_memo", None)
+        memo = self._ranked_memo  # set by set_model (in __init__) and score_all
         if memo is not None and memo[0] == (user, ts, self.state.observed, len(self.item_ids), self._model_epoch):
             return memo[1][np.asarray(cols, dtype=np.int64)]
         return self.features(user, cols, ts)
@@ -586,13 +586,13 @@ class RankingPolicy:
         fresh = np.flatnonzero(allowed & (self.n_int[:n] == 0))
         if not len(fresh):
             return scores
+        if pos > int(allowed.sum()) - 1:  # fewer allowed items than the slot's position: nothing to move past
+            return scores
         km = self.model_scores(user)[:n]
         best = int(fresh[np.argmax(km[fresh])])
         if int((km[allowed] > km[best]).sum()) >= self.cfg.new_item_model_rank:
             return scores
         masked = np.where(allowed, scores, -np.inf)
-        if pos > int(allowed.sum()) - 1:
-            return scores
         kth = np.partition(masked, n - pos)[n - pos]  # the pos-th best allowed score
         if not np.isfinite(kth) or masked[best] > kth:
             return scores
