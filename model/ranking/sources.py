@@ -119,8 +119,11 @@ class _DenseCooc:
         self.C = C
 
     def add(self, idx: int, h: np.ndarray, w) -> None:
-        self.C[idx, h] += w
-        self.C[h, idx] += w
+        # ``C[idx, h] += w; C[h, idx] += w`` through 1-d views (half the cost of 2-d fancy indexing)
+        row = self.C[idx]
+        row[h] += w
+        col = self.C[:, idx]
+        col[h] += w
 
     def weighted_sum(self, h: np.ndarray, wh: np.ndarray, n: int) -> np.ndarray:
         """``wh @ C[h, :n]``."""
@@ -233,6 +236,9 @@ class _SparseCooc:
                    + self._r.nbytes + self._c.nbytes + self._v.nbytes)
 
 
+_PAIR_WINDOW = 200  # with pair_decay < 1, the earlier items an interaction co-visits (decay ** 200 is ~0)
+
+
 class ItemKNNSource(CandidateSource):
     """Incremental item-kNN over co-visitation in user histories.
 
@@ -266,6 +272,8 @@ class ItemKNNSource(CandidateSource):
         self.pair_decay = float(pair_decay)
         self.max_history = max_history
         self.dense_max_items = int(dense_max_items)
+        # pair_decay ** d for d = _PAIR_WINDOW - 1 ... 0 (the newest earlier item last)
+        self._pair_w = (self.pair_decay ** np.arange(_PAIR_WINDOW - 1, -1, -1)).astype(np.float32)
         self._store: _DenseCooc | _SparseCooc = _DenseCooc()
         self._n = np.zeros(0)
         self._isc = np.zeros(0)  # 1 / sqrt(n) per item, 0 where n = 0
@@ -292,14 +300,17 @@ class ItemKNNSource(CandidateSource):
             self._isc = np.concatenate([self._isc, np.zeros(cap - len(self._isc))])
 
     def _learn(self, user, idx, rating, ts) -> None:
-        hist = self._history.get(user)
-        if hist:
-            h = np.asarray(hist if self.pair_decay == 1.0 else hist[-200:], dtype=np.int64)
-            if self.pair_decay < 1.0:
-                w = (self.pair_decay ** np.arange(len(h) - 1, -1, -1)).astype(np.float32)
-            else:
-                w = np.float32(1.0)
-            self._store.add(idx, h, w)
+        if self.pair_decay == 1.0:
+            # every earlier item counts once, however often it recurs (as the stores' ``add`` does with a
+            # repeated index): the user's distinct items, not the whole (growing) history
+            seen = self._seen.get(user)
+            if seen:
+                self._store.add(idx, np.fromiter(seen, dtype=np.int64, count=len(seen)), np.float32(1.0))
+        else:
+            hist = self._history.get(user)
+            if hist:
+                h = np.asarray(hist[-_PAIR_WINDOW:], dtype=np.int64)
+                self._store.add(idx, h, self._pair_w[-len(h):])
         self._n[idx] += 1.0
         self._isc[idx] = 1.0 / math.sqrt(self._n[idx])
 

@@ -56,3 +56,36 @@ def test_growing_past_the_dense_limit_converts_and_keeps_the_counts():
     assert [i for i, _ in src.neighbours("x1")] == [i for i, _ in ref.neighbours("x1")]
     with pytest.raises(ValueError):
         ItemKNNSource(dense_max_items=-1)
+
+
+@pytest.mark.parametrize("pair_decay", [1.0, 0.9])
+@pytest.mark.parametrize("dense_max_items", [8192, 0])
+def test_co_visitation_counts_follow_their_definition_with_repeated_items(pair_decay, dense_max_items):
+    """C[i, j] grows by pair_decay ** d for each earlier item j of the user (d: how many interactions ago;
+    an item the user met several times counts once, at its newest position; the last 200 with decay):
+    the stores' incremental counts match a plain recomputation over a stream full of repeats."""
+    rng = np.random.default_rng(1)
+    n = 40
+    src = ItemKNNSource(pair_decay=pair_decay, dense_max_items=dense_max_items)
+    want = np.zeros((n, n))
+    hist: dict[str, list[int]] = {}
+    for t in range(3000):
+        u, it = f"u{rng.integers(12)}", int(rng.integers(n))
+        src.learn_one(u, f"i{it}", None, float(t))
+        idx = src.index_of(f"i{it}")
+        h = hist.setdefault(u, [])
+        window = h if pair_decay == 1.0 else h[-200:]
+        newest: dict[int, int] = {}
+        for d, j in enumerate(reversed(window)):
+            newest.setdefault(j, d)
+        for j, d in newest.items():
+            want[idx, j] += pair_decay ** d
+            want[j, idx] += pair_decay ** d
+        h.append(idx)
+    store = src._store
+    if store.sparse:
+        store.compact()
+        got = store.csr.toarray()[:n, :n]
+    else:
+        got = store.C[:n, :n]
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-3)
