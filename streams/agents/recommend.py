@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Sequence
 from driftrec.core import metrics
 from driftrec.core.contracts import Click, Rating, Recommendation, RecommendationRequest, new_event_id
 from driftrec.streams import api
+from driftrec.streams.app import send_soon
 from driftrec.streams.pipeline import Accepted, StageResult
 from driftrec.streams.rankers import build_ranker
 
@@ -34,7 +35,22 @@ log = logging.getLogger(__name__)
 
 async def rank_all(ranker, requests: Sequence[RecommendationRequest], deadline: float, limit: int) -> list:
     """Rank ``requests`` concurrently (at most ``limit`` at a time) until the monotonic ``deadline``;
-    what is not ranked by then gets the flagged fallback. Answers are in request order."""
+    what is not ranked by then gets the flagged fallback. Answers are in request order.
+
+    A ranker that never waits (``rank_now``: the ranking policy is CPU work on this thread) ranks them one
+    after another without leaving the event loop: concurrency buys it nothing, and every task and wait
+    would hand the loop to its other work (the followers, the state updates) between the requests of a
+    batch; a request not begun by the deadline gets the fallback as above."""
+    rank_now = getattr(ranker, "rank_now", None)
+    if rank_now is not None:
+        out = []
+        for req in requests:
+            if time.monotonic() >= deadline:
+                metrics.FALLBACKS.labels(reason="deadline").inc()
+                out.append(ranker.fallback(req, reason="popular right now (ranking deadline passed)"))
+            else:
+                out.append(rank_now(req))
+        return out
     sem = asyncio.Semaphore(limit)
 
     async def one(req):
@@ -67,7 +83,7 @@ async def rank_all(ranker, requests: Sequence[RecommendationRequest], deadline: 
 
 def register(app: "DriftrecApp") -> None:
     settings = app.settings
-    out = app.topic(settings.topics.recommendations.name, key_serializer="raw", value_serializer="raw")
+    out_topic = settings.topics.recommendations.name
     ranker = build_ranker(app)
     app.ranker = ranker  # type: ignore[attr-defined] - for tests
     api.register(app, ranker)  # the synchronous API ranks with the same ranker
@@ -94,7 +110,7 @@ def register(app: "DriftrecApp") -> None:
                     fallback=ranked.fallback,
                     produced_at=now,
                 )
-                futures.append(await out.send(key=ev.user_id.encode(), value=rec.dumps()))
+                futures.append(await send_soon(app, out_topic, rec.dumps(), key=ev.user_id.encode()))
                 metrics.RECOMMENDATIONS_PUBLISHED.inc()
                 metrics.E2E_LATENCY_SECONDS.observe(max(now - ev.event_time, 0.0))
             pending.clear()

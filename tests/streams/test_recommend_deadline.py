@@ -63,3 +63,38 @@ async def test_a_passed_deadline_ranks_nothing():
     ranker = TimedRanker()
     out = await rank_all(ranker, [_req(10, n) for n in range(3)], deadline=time.monotonic() - 1, limit=2)
     assert all(r.fallback for r in out) and ranker.peak == 0
+
+
+class SyncRanker(TimedRanker):
+    """A ranker that never waits (``rank_now``, as the ranking policy): it is ranked inline, in order."""
+
+    def __init__(self, clock_step: float = 0.0) -> None:
+        super().__init__()
+        self.order: list[str] = []
+        self.clock_step = clock_step
+
+    def rank_now(self, req: RecommendationRequest) -> Ranked:
+        self.order.append(req.event_id)
+        time.sleep(self.clock_step)
+        return Ranked(items=[RecommendedItem(item_id=req.user_id, score=1.0, reason="ranked")], fallback=False)
+
+    async def rank(self, req: RecommendationRequest) -> Ranked:  # pragma: no cover - rank_all must not use it
+        raise AssertionError("rank_all awaited rank() of a ranker that ranks inline")
+
+
+async def test_a_ranker_that_never_waits_is_ranked_inline_in_request_order():
+    ranker = SyncRanker()
+    reqs = [_req(1, n) for n in range(6)]
+    loop_turns = []
+    ticker = asyncio.get_running_loop().call_soon(loop_turns.append, 1)  # runs at the loop's next turn
+    out = await rank_all(ranker, reqs, deadline=time.monotonic() + 10, limit=2)
+    assert not loop_turns, "ranking inline must not hand the event loop to other work between requests"
+    ticker.cancel()
+    assert ranker.order == [r.event_id for r in reqs] and not any(r.fallback for r in out)
+
+
+async def test_a_ranker_that_never_waits_stops_at_the_deadline():
+    ranker = SyncRanker(clock_step=0.2)
+    out = await rank_all(ranker, [_req(1, n) for n in range(4)], deadline=time.monotonic() + 0.3, limit=4)
+    assert [r.fallback for r in out] == [False, False, True, True]
+    assert out[2].items[0].reason == "popular right now (ranking deadline passed)"
