@@ -9,14 +9,16 @@
   ``app.catalogue.on_item`` -> ``policy.add_item``.
 * **Learning**: an :class:`~driftrec.core.followers.InteractionFollower` delivers every click (a
   positive, rating None) and rating of *every* worker, in topic order (one partition per topic keeps the
-  global order; with several, the order within each partition), into a queue. A learning thread takes
-  them in chunks of up to ``LEARN_CHUNK`` under the policy's lock. With ``ranking.learner: process`` (the
-  default) it takes them into the policy's state only (``policy.follow_many``, ~0.03 ms an event) and
+  global order; with several, the order within each partition), into a queue. With ``ranking.learner:
+  process`` (the default) the event loop takes them into the policy's state only (``policy.follow_many``,
+  ~0.03 ms an event), ``LOOP_CHUNK`` at a time with a turn for requests and ingest between chunks, and
   hands them, in order, to the learner process (:mod:`driftrec.streams.policy_learner`), which learns the
-  fusion on its own copy of the policy and sends it back after each batch (``policy.set_corrector``);
-  with ``thread`` it learns all of it here (``policy.observe_many``, the knowledge model's forwards
-  batched), on whatever CPU the event loop leaves (Python's GIL hands the loop a turn every
-  ``SWITCH_INTERVAL_S`` when it has work). Either way a request waits for at most one chunk. When the
+  fusion on its own copy of the policy and sends it back after each batch (``policy.set_corrector``).
+  (A thread for that share fought the loop for the GIL at every one of the loop's system calls.)
+  With ``thread`` a learning thread learns all of it here, ``LEARN_CHUNK`` at a time under the policy's
+  lock (``policy.observe_many``, the knowledge model's forwards batched), on whatever CPU the event loop
+  leaves (Python's GIL hands the loop a turn every ``SWITCH_INTERVAL_S`` when it has work). Either way a
+  request waits for at most one chunk. When the
   policy learns slower than events arrive the backlog grows (requests are still answered, from a fusion
   or state that lags): ``driftrec_ranking_backlog`` shows it. Interactions read before the policy exists
   wait in the queue; the ranker is ready once that first backlog is learnt (its fusion back, with a
@@ -28,20 +30,24 @@
   ``ranking.model_watch_interval_s`` (file reads and loading in a thread); a new version is verified and
   hot-swapped with ``policy.set_model`` (and sent to the learner process in the events' order). A rejected checkpoint is logged and counted
   (``driftrec_checkpoint_rejections_total{reason}``) and the old model keeps serving.
-* **Ranking**: ``policy.recommend`` at the request's event time; reasons from the item's features
+* **Ranking**: ``policy.recommend`` at the request's event time, on the event loop's thread
+  (``rank_now``: the recommend stage ranks a batch's requests one after another without yielding);
+  reasons from the item's features
   (co-visitation, knowledge graph, the knowledge model's taste, popularity). Any exception -> the
   flagged popularity fallback (``driftrec_recommendation_fallbacks_total{reason="policy_error"}``), as
   before the policy is ready (``policy_not_ready``).
 
-The policy is touched by the event loop thread (new items, model swaps, ``rank``) and by the learning
-thread, always under ``self.lock``; file reads and checkpoint loading go to a worker thread.
+The policy is touched by the event loop thread (new items, model swaps, ``rank``, the state updates with
+a learner process), by the learner's receiver thread (a new fusion) and by the learning thread, always
+under ``self.lock``; file reads and checkpoint loading go to a worker thread. When the learner process
+exits, the event loop's task hands the queue to the learning thread (it starts it after its last chunk,
+so the two never take from the queue at once).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import sys
 import threading
 from collections import OrderedDict, deque
@@ -49,7 +55,7 @@ from typing import TYPE_CHECKING, Any
 
 from driftrec.core import metrics
 from driftrec.core.contracts import Click, Item, Rating, RecommendationRequest, RecommendedItem
-from driftrec.streams.ranking import Ranked, Ranker
+from driftrec.streams.ranking import OnlineQuality, Ranked, Ranker
 
 if TYPE_CHECKING:
     from driftrec.model.ranking.policy import RankingPolicy
@@ -60,6 +66,7 @@ log = logging.getLogger(__name__)
 COLLABORATIVE = "collaborative"  # model_version when no knowledge model serves
 SWITCH_INTERVAL_S = 0.0005
 LEARN_CHUNK = 16  # interactions per observe_many call under the lock (their knowledge-model forwards batched)
+LOOP_CHUNK = 32  # interactions the event loop takes into the state at a time (~1 ms) with a learner process
 
 # feature -> the reason group it speaks for
 _GROUPS = {
@@ -99,13 +106,17 @@ class PolicyRanker(Ranker):
         self._wake = threading.Event()
         self.lock = threading.RLock()  # the policy's: the learning thread and the event loop take turns
         self._learner: threading.Thread | None = None
+        self._applier: asyncio.Task | None = None  # with a learner process: the event loop takes events into the state
+        self._wake_loop = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_applies = False  # the queue is the event loop's (True) or the learning thread's
         self._live_at: int | None = None  # ready once this many events are learnt (the first backlog)
         self.learner_mode = s.ranking.learner
         self.learner = None  # the LearnerProcess with ranking.learner=process (None: learning in this process)
         self.applied = 0  # events taken into the serving policy's state
         self.observed = 0  # events learnt, fusion included
         self.shown: OrderedDict[str, dict[str, int]] = OrderedDict()
-        self.online: deque[tuple[float, float]] = deque(maxlen=1000)
+        self.online = OnlineQuality(1000)
         self.follower = follow(app, InteractionFollower(s, app.bootstrap_servers))
         self.follower.listen(self._on_interaction)
         app.catalogue.on_item(self._on_item)
@@ -134,6 +145,12 @@ class PolicyRanker(Ranker):
         learner, self.learner = self.learner, None
         if learner is not None:
             learner.stop()
+        applier = self._applier
+        if applier is not None and not applier.done():
+            try:
+                applier.cancel()
+            except RuntimeError:  # its loop is closed
+                pass
 
     async def start(self) -> None:
         import torch
@@ -213,7 +230,13 @@ class PolicyRanker(Ranker):
         metrics.RANKING_LEARNER_EXITS.inc()
         log.error("the ranking policy's learner process exited (code %s) with %d events not learnt; the worker "
                   "learns in its own process from now on", exitcode, max(lost, 0))
-        self._wake.set()
+        if self._loop_applies:  # the event loop's task hands the queue over to the learning thread
+            try:
+                self._loop.call_soon_threadsafe(self._wake_loop.set)
+            except RuntimeError:  # the loop is closed: the worker is stopping
+                pass
+        else:
+            self._wake.set()
 
     @property
     def backlog(self) -> int:
@@ -221,14 +244,48 @@ class PolicyRanker(Ranker):
         return len(self._pending) + (self.applied - self.observed)
 
     def start_learning(self) -> None:
-        """Start the learning thread (once)."""
+        """Start taking the delivered interactions in (once). With a learner process the worker only takes
+        them into its state (~0.03 ms an event): that runs on the event loop, ``LOOP_CHUNK`` at a time with
+        a turn for requests and ingest between chunks, because a thread would fight the loop for the GIL
+        at every one of its system calls. Learning here (no learner process) is ~20 times the work: a
+        learning thread does it."""
+        # the GIL passes between threads every SWITCH_INTERVAL_S instead of Python's 5 ms: an event loop
+        # woken by I/O then waits at most that long for another thread (learning, the consumer's) to let it run
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
+        if self.learner is not None:
+            if self._applier is None:
+                self._loop_applies = True
+                self._loop = asyncio.get_running_loop()
+                self._applier = self._loop.create_task(self._apply_forever(), name="driftrec-policy-state")
+            self._wake_loop.set()
+        else:
+            self._start_thread()
+        self._wake.set()
+
+    def _start_thread(self) -> None:
         if self._learner is None:
-            # the GIL passes between the threads every SWITCH_INTERVAL_S instead of Python's 5 ms: an event
-            # loop woken by I/O then waits at most that long for the learning thread to let it run
-            sys.setswitchinterval(SWITCH_INTERVAL_S)
             self._learner = threading.Thread(target=self._learn_forever, name="driftrec-policy-learning", daemon=True)
             self._learner.start()
         self._wake.set()
+
+    async def _apply_forever(self) -> None:
+        """The event loop's share with a learner process: the queued interactions into the state, in order.
+        When the learner process is gone the learning thread takes over (started here, after the last
+        chunk taken here, so the two never take from the queue at once)."""
+        while self.learner is not None:
+            await self._wake_loop.wait()
+            self._wake_loop.clear()
+            while self._pending and self.learner is not None:
+                try:
+                    self.learn_chunk(LOOP_CHUNK)
+                except Exception:  # noqa: BLE001 - learning must go on
+                    log.exception("the ranking policy's learning failed")
+                metrics.RANKING_BACKLOG.set(self.backlog)
+                await asyncio.sleep(0)  # requests and the next ingest batch between chunks
+            if self._live_at is None and not self._pending:
+                self._live_at = self.applied
+        self._loop_applies = False
+        self._start_thread()
 
     def _learn_forever(self) -> None:
         """The learning thread: learn the queued interactions in order, ``LEARN_CHUNK`` at a time."""
@@ -244,11 +301,12 @@ class PolicyRanker(Ranker):
             if self._live_at is None:
                 self._live_at = self.applied
 
-    def learn_chunk(self) -> int:
-        """Take the next (up to) ``LEARN_CHUNK`` queued interactions: into the state, and to the learner
-        process (``ranking.learner: process``), or learn them here (``policy.observe_many``)."""
+    def learn_chunk(self, size: int = 0) -> int:
+        """Take the next (up to) ``size`` (default ``LEARN_CHUNK``) queued interactions: into the state, and
+        to the learner process (``ranking.learner: process``), or learn them here (``policy.observe_many``)."""
+        size = size or LEARN_CHUNK
         chunk = []
-        while self._pending and len(chunk) < LEARN_CHUNK:
+        while self._pending and len(chunk) < size:
             chunk.append(self._pending.popleft())
         events = [(ev.user_id, ev.item_id, float(ev.rating) if isinstance(ev, Rating) else None, ev.event_time)
                   for ev in chunk]
@@ -342,7 +400,10 @@ class PolicyRanker(Ranker):
 
     def _on_interaction(self, ev: Click | Rating) -> None:
         self._pending.append(ev)
-        self._wake.set()
+        if self._loop_applies:
+            self._wake_loop.set()  # (the follower delivers on the event loop)
+        else:
+            self._wake.set()
 
     def _observe(self, ev: Click | Rating) -> None:
         """One interaction on its own (after its chunk failed). It counts as taken and learnt whether or not
@@ -378,11 +439,8 @@ class PolicyRanker(Ranker):
         positive = isinstance(ev, Click) or ev.rating >= self.cfg.positive_threshold
         if not positive:
             return
-        rank = ranks.get(ev.item_id)
-        hit = rank is not None and rank < 10
-        self.online.append((1.0 if hit else 0.0, 1.0 / math.log2(rank + 2) if hit else 0.0))
-        metrics.ONLINE_HR_AT_10.labels(model="served").set(sum(h for h, _ in self.online) / len(self.online))
-        metrics.ONLINE_NDCG_AT_10.labels(model="served").set(sum(n for _, n in self.online) / len(self.online))
+        self.online.add(ranks.get(ev.item_id))
+        self.online.publish()
 
     # -- ranking --------------------------------------------------------------------------------------
     @property
@@ -390,6 +448,10 @@ class PolicyRanker(Ranker):
         return self.policy is not None and self._live_at is not None and self.observed >= self._live_at
 
     async def rank(self, req: RecommendationRequest) -> Ranked:
+        return self.rank_now(req)
+
+    def rank_now(self, req: RecommendationRequest) -> Ranked:
+        """Rank one request on this thread (the policy never waits on I/O; see ``rank_all``)."""
         policy = self.policy
         if policy is None or not self.ready:
             metrics.FALLBACKS.labels(reason="policy_not_ready").inc()

@@ -22,6 +22,48 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+class OnlineQuality:
+    """HR@10 and NDCG@10 of the last ``window`` positives on served lists, kept as running sums (O(1) per
+    event: this runs for every click and rating a worker's users make)."""
+
+    def __init__(self, window: int = 1000) -> None:
+        self.window = int(window)
+        self._marks: deque[tuple[float, float]] = deque()
+        self._hits = 0.0
+        self._gain = 0.0
+        self._since_exact = 0
+        self._gauges = (metrics.ONLINE_HR_AT_10.labels(model="served"), metrics.ONLINE_NDCG_AT_10.labels(model="served"))
+
+    def __len__(self) -> int:
+        return len(self._marks)
+
+    def add(self, rank: int | None) -> tuple[float, float]:
+        """Record a positive on an item served at 0-based ``rank`` (None: not served); the window's means."""
+        hit = rank is not None and rank < 10
+        mark = (1.0 if hit else 0.0, 1.0 / math.log2(rank + 2) if hit else 0.0)
+        self._marks.append(mark)
+        self._hits += mark[0]
+        self._gain += mark[1]
+        if len(self._marks) > self.window:
+            h, g = self._marks.popleft()
+            self._hits -= h
+            self._gain -= g
+        self._since_exact += 1
+        if self._since_exact >= self.window:  # float sums drift; re-add them exactly once a window
+            self._hits = float(sum(h for h, _ in self._marks))
+            self._gain = float(sum(g for _, g in self._marks))
+            self._since_exact = 0
+        return self.means()
+
+    def means(self) -> tuple[float, float]:
+        n = len(self._marks)
+        return (self._hits / n, self._gain / n) if n else (0.0, 0.0)
+
+    def publish(self) -> None:
+        for gauge, value in zip(self._gauges, self.means()):
+            gauge.set(value)
+
+
 @dataclass
 class Ranked:
     items: list[RecommendedItem]
@@ -133,7 +175,7 @@ class LoopRanker(Ranker):
                                    circuit_open_s=s.scorer.circuit_open_s)
         self.lm_k = min(100, s.scorer.max_k)
         self.shown: OrderedDict[str, dict[str, dict]] = OrderedDict()
-        self.online: deque[tuple[bool, float]] = deque(maxlen=1000)
+        self.online = OnlineQuality(1000)
         self.errors: deque[float] = deque(maxlen=500)
         self._reader = None
         self._reader_lock = asyncio.Lock()  # one opening, however many requests ask at once
@@ -165,9 +207,8 @@ class LoopRanker(Ranker):
         positive = isinstance(ev, Click) or ev.rating >= 4
         if positive:  # online quality of what was served: was the chosen item in the list, how high
             rank = shown["rank"].get(ev.item_id)
-            self.online.append((rank is not None and rank < 10, 1.0 / math.log2(rank + 2) if rank is not None and rank < 10 else 0.0))
-            metrics.ONLINE_HR_AT_10.labels(model="served").set(sum(h for h, _ in self.online) / len(self.online))
-            metrics.ONLINE_NDCG_AT_10.labels(model="served").set(sum(n for _, n in self.online) / len(self.online))
+            self.online.add(rank)
+            self.online.publish()
         feats = shown["features"]
         if ev.item_id not in feats:
             return

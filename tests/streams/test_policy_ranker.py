@@ -264,12 +264,13 @@ async def test_knowledge_model_loaded_swapped_and_refused(tmp_path):
 
 
 async def test_requests_are_ranked_while_a_backlog_is_learnt(tmp_path):
-    """A burst of events is learnt by the learning thread in chunks under the policy's lock: a request
-    that arrives meanwhile is ranked (by the policy, not the fallback) without waiting for the burst, and
-    the burst ends learnt in order (the same lists as one-by-one observation)."""
+    """Learning in the worker (``ranking.learner: thread``): a burst of events is learnt by the learning
+    thread in chunks under the policy's lock; a request that arrives meanwhile is ranked (by the policy,
+    not the fallback) without waiting for the burst, and the burst ends learnt in order (the same lists as
+    one-by-one observation)."""
     from driftrec.streams.policy_ranker import LEARN_CHUNK
 
-    app, ranker = _make(tmp_path)
+    app, ranker = _make(tmp_path, learner="thread")
     await ranker.start()
     await _learnt(ranker)
     events = _events(100 * LEARN_CHUNK, seed=3)
@@ -299,6 +300,35 @@ async def test_requests_are_ranked_while_a_backlog_is_learnt(tmp_path):
     assert backlog == len(events) - sum(done) >= len(events) - 2 * LEARN_CHUNK
     await _learnt(ranker)
     assert ranker.observed == len(events)
+    ts = events[-1].event_time + 60
+    ref = _reference(events)
+    assert [i.item_id for i in (await ranker.rank(_req("u4", k=8, t=ts))).items] == [i for i, _ in ref.recommend("u4", 8, ts)]
+
+
+async def test_the_event_loop_takes_a_burst_in_between_requests(tmp_path):
+    """With a learner process the event loop takes the delivered events into the serving state itself, a
+    chunk at a time: a request ranked while a burst is being taken in is answered by the policy between two
+    chunks (the burst not taken in yet), the burst ends in the state in order, and learnt (the learner's
+    fusion back): the same lists as one-by-one observation."""
+    from driftrec.streams.policy_ranker import LOOP_CHUNK
+
+    app, ranker = _make(tmp_path)
+    await ranker.start()
+    await _learnt(ranker)
+    assert ranker.learner is not None and ranker._learner is None  # no learning thread in this mode
+    events = _events(50 * LOOP_CHUNK, seed=4)
+    for ev in events:
+        ranker.follower._deliver(ev)
+    for _ in range(1000):  # the loop's task has taken a chunk or more, not the whole burst
+        if ranker.applied >= LOOP_CHUNK:
+            break
+        await asyncio.sleep(0)
+    ranked = await ranker.rank(_req("u4", k=5))
+    waiting = len(ranker._pending)
+    assert not ranked.fallback and ranked.model_version == ranker.model_name
+    assert 0 < waiting <= len(events) - LOOP_CHUNK and waiting % LOOP_CHUNK == 0
+    await _learnt(ranker)
+    assert ranker.applied == ranker.observed == len(events)
     ts = events[-1].event_time + 60
     ref = _reference(events)
     assert [i.item_id for i in (await ranker.rank(_req("u4", k=8, t=ts))).items] == [i for i, _ in ref.recommend("u4", 8, ts)]

@@ -361,3 +361,27 @@ async def test_drift_detected_while_learning_from_feedback_reaches_the_ranker(ca
         assert f"drift in the correction error after {n} updates (#{n})" in caplog.text
     assert _counter(metrics.DRIFT_DETECTIONS, domain="default", detector="adwin") == before + 4
     assert ranker.corrector.drift_count == 4
+
+
+def test_online_quality_is_the_mean_of_its_window():
+    """The running sums give the plain mean of the last ``window`` positives, however long the stream."""
+    import math
+    import random
+
+    from driftrec.core import metrics
+    from driftrec.streams.ranking import OnlineQuality
+
+    rnd = random.Random(3)
+    q = OnlineQuality(window=50)
+    marks = []
+    for _ in range(1237):
+        rank = rnd.choice([None, None, 0, 3, 9, 10, 40])
+        marks.append((1.0, 1.0 / math.log2(rank + 2)) if rank is not None and rank < 10 else (0.0, 0.0))
+        hr, ndcg = q.add(rank)
+        last = marks[-50:]
+        assert hr == pytest.approx(sum(h for h, _ in last) / len(last), abs=1e-12)
+        assert ndcg == pytest.approx(sum(g for _, g in last) / len(last), abs=1e-12)
+    assert len(q) == 50
+    q.publish()
+    assert metrics.ONLINE_HR_AT_10.labels(model="served")._value.get() == pytest.approx(hr)
+    assert OnlineQuality().means() == (0.0, 0.0)
