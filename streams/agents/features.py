@@ -53,7 +53,6 @@ from driftrec.feature_store.sink import RowSink
 from driftrec.feature_store.process import create_writer
 from driftrec.feature_store.writer import FeatureWriter
 from driftrec.streams import faults
-from driftrec.streams.app import send_soon
 from driftrec.streams.batching import MessageBatch, batch_agent
 from driftrec.streams.changelog import StateStore, TableWriter
 from driftrec.core.contracts import Click, Rating
@@ -393,8 +392,7 @@ class FeaturesStage:
             values[partition][key] = state.dumps()
             rows.append(state.feature_row(user_id, self.weights_of))
         self._count_skipped(skipped)
-        sends = [await send_soon(self.app, self.events_topic_name, orjson.dumps({"d": deltas}), key=b"features",
-                                 partition=p)
+        sends = [await self.events_topic.send(key=b"features", value=orjson.dumps({"d": deltas}), partition=p)
                  for p, deltas in sorted(forward.items())]
         if forward:
             self._item_updates["forwarded"].inc(sum(map(len, forward.values())))
