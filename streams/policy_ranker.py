@@ -395,7 +395,7 @@ class PolicyRanker(Ranker):
                     self.learner.item(kept)
 
     def fallback(self, req: RecommendationRequest, reason: str = "popular right now") -> Ranked:
-        with self.lock:  # the learning thread updates the fallback's popularity
+        with self.lock:  # the state updates (learning thread or event loop) feed the fallback's popularity
             return super().fallback(req, reason)
 
     def _on_interaction(self, ev: Click | Rating) -> None:
