@@ -260,7 +260,6 @@ class PolicyRanker(Ranker):
             self._wake_loop.set()
         else:
             self._start_thread()
-        self._wake.set()
 
     def _start_thread(self) -> None:
         if self._learner is None:

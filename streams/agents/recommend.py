@@ -33,6 +33,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def _deadline_fallback(ranker, req: RecommendationRequest):
+    """The flagged fallback answer for a request the batch deadline left unranked (and counted)."""
+    metrics.FALLBACKS.labels(reason="deadline").inc()
+    return ranker.fallback(req, reason="popular right now (ranking deadline passed)")
+
+
 async def rank_all(ranker, requests: Sequence[RecommendationRequest], deadline: float, limit: int) -> list:
     """Rank ``requests`` concurrently (at most ``limit`` at a time) until the monotonic ``deadline``;
     what is not ranked by then gets the flagged fallback. Answers are in request order.
@@ -46,8 +52,7 @@ async def rank_all(ranker, requests: Sequence[RecommendationRequest], deadline: 
         out = []
         for req in requests:
             if time.monotonic() >= deadline:
-                metrics.FALLBACKS.labels(reason="deadline").inc()
-                out.append(ranker.fallback(req, reason="popular right now (ranking deadline passed)"))
+                out.append(_deadline_fallback(ranker, req))
             else:
                 out.append(rank_now(req))
         return out
@@ -74,10 +79,7 @@ async def rank_all(ranker, requests: Sequence[RecommendationRequest], deadline: 
     out = []
     for req, task in zip(requests, tasks):
         ranked = None if task in late else task.result()
-        if ranked is None:
-            metrics.FALLBACKS.labels(reason="deadline").inc()
-            ranked = ranker.fallback(req, reason="popular right now (ranking deadline passed)")
-        out.append(ranked)
+        out.append(_deadline_fallback(ranker, req) if ranked is None else ranked)
     return out
 
 
