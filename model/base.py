@@ -320,6 +320,13 @@ class ItemSequenceModel(ABC):
         None (the default): the model has none and :meth:`score_items` is the way to score."""
         return None
 
+    def user_vectors(self, histories: Sequence[Sequence[str]]) -> Sequence[Any] | None:
+        """:meth:`user_vector` of several users (aligned with ``histories``); each must equal what
+        :meth:`user_vector` gives that user alone. None: the model has no user vectors. Models override it to
+        batch their forwards."""
+        vecs = [self.user_vector(h) for h in histories]
+        return None if any(v is None for v in vecs) else vecs
+
     def score_vector(self, vector: Any, item_ids: Sequence[str]) -> np.ndarray:
         """Scores of ``item_ids`` for a user whose :meth:`user_vector` is ``vector``."""
         raise NotImplementedError(f"{type(self).__name__} has no user vectors")

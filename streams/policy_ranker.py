@@ -51,7 +51,7 @@ import logging
 import sys
 import threading
 from collections import OrderedDict, deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from driftrec.core import metrics
 from driftrec.core.contracts import Click, Item, Rating, RecommendationRequest, RecommendedItem
@@ -448,6 +448,18 @@ class PolicyRanker(Ranker):
 
     async def rank(self, req: RecommendationRequest) -> Ranked:
         return self.rank_now(req)
+
+    def prepare(self, requests: Sequence[RecommendationRequest]) -> None:
+        """Before ranking ``requests`` one after another (no interaction in between): their users' knowledge-
+        model vectors in batched forwards, which the rankings then find kept (the same bits)."""
+        policy = self.policy
+        if policy is None or not self.ready or len(requests) < 2:
+            return
+        try:
+            with self.lock:
+                policy.prefetch_users([r.user_id for r in requests])
+        except Exception:  # noqa: BLE001 - each request's own ranking computes its vector (and reports)
+            log.exception("batched user vectors failed; ranking one by one")
 
     def rank_now(self, req: RecommendationRequest) -> Ranked:
         """Rank one request on this thread (the policy never waits on I/O; see ``rank_all``)."""

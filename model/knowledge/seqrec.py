@@ -209,8 +209,10 @@ class SequenceEncoder(nn.Module):
         key = (L, str(device))
         masks = cache.get(key)
         if masks is None:
-            masks = cache[key] = (torch.ones(L, L, dtype=torch.bool, device=device).tril().unsqueeze(0),
-                                  torch.eye(L, dtype=torch.bool, device=device))
+            # plain tensors even when built under inference mode (serving): training uses the same cache
+            with torch.inference_mode(False):
+                masks = cache[key] = (torch.ones(L, L, dtype=torch.bool, device=device).tril().unsqueeze(0),
+                                      torch.eye(L, dtype=torch.bool, device=device))
         return masks
 
     def forward(self, table: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
@@ -332,7 +334,9 @@ class KnowledgeModel(ItemSequenceModel):
         buckets: dict[int, list[int]] = {}
         for r, s in enumerate(seqs):
             buckets.setdefault(self._bucket(len(s)), []).append(r)
-        with torch.no_grad():
+        # inference mode, not just no_grad: half the cost of a one-user forward (no version counters or
+        # view tracking), the same kernels and bits
+        with torch.inference_mode():
             for L, rows in buckets.items():
                 for a in range(0, len(rows), chunk):
                     part = rows[a:a + chunk]

@@ -448,6 +448,33 @@ class RankingPolicy:
             self._uvecs.popitem(last=False)
         return vec
 
+    def prefetch_users(self, users: Sequence[str]) -> int:
+        """Compute the knowledge model's vectors of ``users`` that are not kept for their current history,
+        in batched forwards (a batch of requests ranked next, before any new interaction): the rankings then
+        find them kept. Changes no result (a batched row is the user's one-user forward to the bit); a user
+        vector costs a fraction of a one-user forward this way. Returns how many were computed."""
+        model = self.model
+        if model is None:
+            return 0
+        want: dict[str, tuple] = {}
+        for user in users:
+            hist = self.hist.get(user, ())
+            version = (len(hist), self._model_epoch)
+            hit = self._uvecs.get(user)
+            if user not in want and (hit is None or hit[0] != version):
+                want[user] = (version, [self.item_ids[i] for i, _ in hist])
+        if len(want) < 2:  # one user: its ranking's own forward is the same work
+            return 0
+        vecs = model.user_vectors([h for _, h in want.values()])
+        if vecs is None:
+            return 0
+        for (user, (version, _)), vec in zip(want.items(), vecs):
+            self._uvecs[user] = (version, vec)
+            self._uvecs.move_to_end(user)
+        while len(self._uvecs) > self.USER_VECTORS:
+            self._uvecs.popitem(last=False)
+        return len(want)
+
     def prefetch(self, events: Sequence[tuple]) -> int:
         """Compute, in batched forwards, the knowledge model's scores that observing ``events`` ((user, item,
         rating, ...) tuples; in this order, next) will ask for: one per positive the fusion learns from,

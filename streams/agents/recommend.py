@@ -49,6 +49,9 @@ async def rank_all(ranker, requests: Sequence[RecommendationRequest], deadline: 
     batch; a request not begun by the deadline gets the fallback as above."""
     rank_now = getattr(ranker, "rank_now", None)
     if rank_now is not None:
+        prepare = getattr(ranker, "prepare", None)
+        if prepare is not None:
+            prepare(requests)  # what the requests share, batched (the ranking policy: its user vectors)
         out = []
         for req in requests:
             if time.monotonic() >= deadline:

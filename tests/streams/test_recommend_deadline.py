@@ -98,3 +98,19 @@ async def test_a_ranker_that_never_waits_stops_at_the_deadline():
     out = await rank_all(ranker, [_req(1, n) for n in range(4)], deadline=time.monotonic() + 0.3, limit=4)
     assert [r.fallback for r in out] == [False, False, True, True]
     assert out[2].items[0].reason == "popular right now (ranking deadline passed)"
+
+
+async def test_a_ranker_that_never_waits_prepares_the_whole_batch_first():
+    """``prepare`` (the ranking policy: the batch's user vectors in one forward) sees every request of the
+    batch before the first is ranked."""
+    seen: list = []
+
+    class Preparing(SyncRanker):
+        def prepare(self, requests) -> None:
+            seen.append(([r.event_id for r in requests], list(self.order)))
+
+    ranker = Preparing()
+    reqs = [_req(1, n) for n in range(5)]
+    await rank_all(ranker, reqs, deadline=time.monotonic() + 10, limit=2)
+    assert seen == [([r.event_id for r in reqs], [])]
+    assert ranker.order == [r.event_id for r in reqs]

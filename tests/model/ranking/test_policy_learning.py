@@ -305,3 +305,37 @@ def test_the_models_best_never_interacted_item_takes_the_new_item_slot(world):
     assert np.array_equal(bare.rank_scores(user, ts), bare.fused_scores(user, ts))
     with pytest.raises(ValueError):
         PolicyConfig(new_item_position=-1)
+
+
+def test_a_batch_of_requests_gets_its_user_vectors_in_one_forward_and_the_same_lists(world, monkeypatch):
+    """``prefetch_users`` (the recommend stage, before ranking a batch's requests): the stale vectors in one
+    batched call, none for a user whose vector is kept, and every list as without it, to the bit."""
+    items, events, model = world
+    plain, batched = _policy(items), _policy(items)
+    for p in (plain, batched):
+        for ev in events[:700]:
+            p.observe(*ev)
+        p.set_model(model)
+    ts = events[699][3] + 60
+    users = sorted(plain.hist)[:12]
+    want = {u: plain.recommend(u, 10, ts) for u in users}
+    calls: list[int] = []
+    one: list[int] = []
+    real_many, real_one = model.user_vectors, model.user_vector
+    monkeypatch.setattr(model, "user_vectors", lambda hs, *a, **kw: (calls.append(len(hs)), real_many(hs, *a, **kw))[1])
+    monkeypatch.setattr(model, "user_vector", lambda h: (one.append(len(h)), real_one(h))[1])
+    batched.model_scores(users[0])  # this one's vector is kept already
+    one.clear(), calls.clear()
+    assert batched.prefetch_users(users + users[:3]) == len(users) - 1
+    assert calls == [len(users) - 1]
+    assert {u: batched.recommend(u, 10, ts) for u in users} == want
+    assert one == []  # every ranking found its vector kept
+    assert batched.prefetch_users(users) == 0  # nothing stale: no forward
+    u = users[1]
+    item = next(i for i in batched.item_ids if batched.index[i] not in batched.seen[u])
+    batched.observe(u, item, 5.0, ts + 1)  # a new interaction: that user's vector is stale again
+    assert batched.prefetch_users(users) == 0  # one stale user: left to its own forward
+    got = batched.recommend(u, 10, ts + 2)
+    assert one == [len(batched.hist[u])]
+    plain.observe(u, item, 5.0, ts + 1)
+    assert got == plain.recommend(u, 10, ts + 2)
