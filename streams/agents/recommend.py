@@ -50,7 +50,7 @@ async def rank_all(ranker, requests: Sequence[RecommendationRequest], deadline: 
     rank_now = getattr(ranker, "rank_now", None)
     if rank_now is not None:
         prepare = getattr(ranker, "prepare", None)
-        if prepare is not None:
+        if prepare is not None and time.monotonic() < deadline:
             prepare(requests)  # what the requests share, batched (the ranking policy: its user vectors)
         out = []
         for req in requests:

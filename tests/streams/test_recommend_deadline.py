@@ -114,3 +114,6 @@ async def test_a_ranker_that_never_waits_prepares_the_whole_batch_first():
     await rank_all(ranker, reqs, deadline=time.monotonic() + 10, limit=2)
     assert seen == [([r.event_id for r in reqs], [])]
     assert ranker.order == [r.event_id for r in reqs]
+    seen.clear()
+    out = await rank_all(ranker, reqs, deadline=time.monotonic() - 1, limit=2)  # too late: nothing to prepare for
+    assert seen == [] and all(r.fallback for r in out)
