@@ -8,7 +8,7 @@ run's adapter folder (as the e2e benchmark does), the worker starts, loads it an
 
 * **sequential**: 300 requests one after another (k=10, random users) -> ``api_p50_ms`` / ``api_p99_ms``;
 * **the step test** (open loop: requests sent on a clock, never waiting for answers; no ingest): 100,
-  200, 400, 600, 800, 1,000 and 1,200 requests/s for 5 s each, stopping at the first step whose p99 is
+  200, 300, 400, 600, 800, 1,000 and 1,200 requests/s for 5 s each, stopping at the first step whose p99 is
   over 50 ms or that had an error or a fallback answer -> ``served_max_rps_p99_50ms``, the highest
   rate that held (``served_rates`` holds each step). This is the served path's counterpart of the LM
   scorer's ``score_max_rps`` (the ``loop`` engine's HTTP scorer): every answer ranks the whole
@@ -41,7 +41,7 @@ from driftrec.core.settings import Settings
 from driftrec.demo import Children, _wait_http, child_env
 
 N_USERS, N_ITEMS, WARM_EVENTS = 200, 2000, 3000
-STEP_RATES = (100.0, 200.0, 400.0, 600.0, 800.0, 1000.0, 1200.0)
+STEP_RATES = (100.0, 200.0, 300.0, 400.0, 600.0, 800.0, 1000.0, 1200.0)
 STEP_BUDGET_MS = 50.0
 
 

@@ -33,7 +33,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
                                   "with p99 <= 50 ms, requests/s under 8 clients + ingest"),
     "workers": ("driftrec.bench.workers", "pipeline throughput with 1 vs 2 Faust workers"),
     "scorer_fault": ("driftrec.bench.scorer_fault", "full-worker ingest with requests: a 5 s scorer vs one that answers at once"),
-    "adapter_update": ("driftrec.bench.adapter_update", "trigger -> new adapter serving (train, gate, publish, swap)"),
+    "adapter_update": ("driftrec.bench.adapter_update", "trigger -> new model serving (train, gate, publish, swap): "
+                                                        "the knowledge model (policy engine) and the LoRA adapter (loop)"),
     "learning": ("driftrec.bench.learning", "how many interactions/s the ranking policy learns, per "
                                             "(hard_pool_every, learn_fraction) setting"),
     "scale": ("driftrec.bench.scale", "the ranking policy's recommend p50/p99 and RSS vs catalogue size (2k-100k items), "
@@ -122,6 +123,10 @@ def summary(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "served_max_rps_p99_50ms": results.get("api", {}).get("served_max_rps_p99_50ms"),
         "slow_scorer_ingest_ratio": results.get("scorer_fault", {}).get("slow_scorer_ingest_ratio"),
         "adapter_update_s": results.get("adapter_update", {}).get("adapter_update_s"),
+        "adapter_update_engine": results.get("adapter_update", {}).get("engine"),
+        "adapter_update_s_policy": results.get("adapter_update", {}).get("adapter_update_s_policy"),
+        "adapter_update_s_loop": results.get("adapter_update", {}).get("adapter_update_s_loop"),
+        "first_model_s_policy": results.get("adapter_update", {}).get("policy", {}).get("first_model_s"),
         "workers_speedup": results.get("workers", {}).get("workers_speedup"),
         "workers_speedup_spread": results.get("workers", {}).get("workers_speedup_spread"),
         "scale_rank_p99_ms_100k": _scale(results, "catalogue", 100_000, "rank_p99_ms"),
@@ -164,7 +169,11 @@ def markdown(doc: dict[str, Any]) -> str:
          f"{fmt(s.get('api_rps'))} / {fmt(s.get('api_loaded_p99_ms'))}"),
         ("served recommendations/s with p99 <= 50 ms (open-loop steps, 2,000 items, knowledge model)",
          fmt(s.get("served_max_rps_p99_50ms"))),
-        ("trigger -> new adapter serving s", fmt(s["adapter_update_s"])),
+        (f"trigger -> new model serving s ({s.get('adapter_update_engine') or '?'} engine: adapter_update_s)",
+         fmt(s["adapter_update_s"])),
+        ("trigger -> new knowledge model serving s (policy engine; its first model, from scratch)",
+         f"{fmt(s.get('adapter_update_s_policy'))} ({fmt(s.get('first_model_s_policy'))})"),
+        ("trigger -> new LoRA adapter serving s (loop engine's LM scorer)", fmt(s.get("adapter_update_s_loop"))),
         ("throughput 2 workers / 1 worker (largest distance of a repeat from the median)",
          f"{fmt(s['workers_speedup'])} ({fmt(s.get('workers_speedup_spread'))})"),
         ("ingest with a 5 s scorer / with a prompt one (loop engine)", fmt(s.get("slow_scorer_ingest_ratio"))),

@@ -434,7 +434,7 @@ class RankingPolicy:
         """The knowledge model's vector of ``user`` (None: the model has none), kept while the user's
         history and the model are unchanged: a user who asks again before a new interaction costs one
         matrix-vector product, not a forward of the sequence encoder."""
-        version = (len(hist), self._model_epoch)
+        version = self._vector_version(hist)
         hit = self._uvecs.get(user)
         if hit is not None and hit[0] == version:
             self._uvecs.move_to_end(user)
@@ -442,11 +442,20 @@ class RankingPolicy:
         vec = self.model.user_vector([self.item_ids[i] for i, _ in hist])
         if vec is None:
             return None
-        self._uvecs[user] = (version, vec)
-        self._uvecs.move_to_end(user)
+        self._keep_vectors([(user, version, vec)])
+        return vec
+
+    def _vector_version(self, hist) -> tuple[int, int]:
+        """What a kept user vector is valid for: the user's history length and the model it came from."""
+        return (len(hist), self._model_epoch)
+
+    def _keep_vectors(self, kept: Iterable[tuple[str, tuple[int, int], Any]]) -> None:
+        """Keep (user, version, vector) entries, newest last; the least recently used go past ``USER_VECTORS``."""
+        for user, version, vec in kept:
+            self._uvecs[user] = (version, vec)
+            self._uvecs.move_to_end(user)
         while len(self._uvecs) > self.USER_VECTORS:
             self._uvecs.popitem(last=False)
-        return vec
 
     def prefetch_users(self, users: Sequence[str]) -> int:
         """Compute the knowledge model's vectors of ``users`` that are not kept for their current history,
@@ -459,7 +468,7 @@ class RankingPolicy:
         want: dict[str, tuple] = {}
         for user in users:
             hist = self.hist.get(user, ())
-            version = (len(hist), self._model_epoch)
+            version = self._vector_version(hist)
             hit = self._uvecs.get(user)
             if user not in want and (hit is None or hit[0] != version):
                 want[user] = (version, [self.item_ids[i] for i, _ in hist])
@@ -468,11 +477,7 @@ class RankingPolicy:
         vecs = model.user_vectors([h for _, h in want.values()])
         if vecs is None:
             return 0
-        for (user, (version, _)), vec in zip(want.items(), vecs):
-            self._uvecs[user] = (version, vec)
-            self._uvecs.move_to_end(user)
-        while len(self._uvecs) > self.USER_VECTORS:
-            self._uvecs.popitem(last=False)
+        self._keep_vectors((user, version, vec) for (user, (version, _)), vec in zip(want.items(), vecs))
         return len(want)
 
     def prefetch(self, events: Sequence[tuple]) -> int:
