@@ -34,6 +34,7 @@ import asyncio
 import os
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,25 @@ THREADS = int(os.environ.get("DRIFTREC_BENCH_UPDATE_THREADS", "1"))
 
 POLICY_USERS = int(os.environ.get("DRIFTREC_BENCH_UPDATE_POLICY_USERS", "1000"))
 POLICY_ITEMS = int(os.environ.get("DRIFTREC_BENCH_UPDATE_POLICY_ITEMS", "1000"))
+
+
+@contextmanager
+def _bench_settings(settings, prefix: str):
+    """A copy of ``settings`` with an adapter folder of its own (removed after) and the gate opened, while
+    torch runs on ``THREADS`` threads (restored after)."""
+    import torch
+
+    threads_before = torch.get_num_threads()
+    if THREADS:
+        torch.set_num_threads(THREADS)
+    try:
+        with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+            s = settings.model_copy(deep=True)
+            s.model.adapter_dir = Path(tmp)
+            s.trainer.gate_tolerance = 1.0
+            yield s
+    finally:
+        torch.set_num_threads(threads_before)
 
 
 def run(settings, repeats: int = 3) -> list[dict[str, Any]]:
@@ -76,75 +96,66 @@ def run_policy(settings, repeats: int = 3) -> list[dict[str, Any]]:
     from driftrec.model.training.knowledge_worker import KnowledgeTrainingWorker
 
     out: list[dict[str, Any]] = []
-    threads_before = torch.get_num_threads()
-    if THREADS:
-        torch.set_num_threads(THREADS)
-    try:
-        with tempfile.TemporaryDirectory(prefix="driftrec-bench-update-policy-") as tmp:
-            s = settings.model_copy(deep=True)
-            s.model.adapter_dir = Path(tmp)
-            s.trainer.gate_tolerance = 1.0
-            window, context = s.trainer.window_events, s.trainer.context_events
-            world = World(n_users=POLICY_USERS, n_items=POLICY_ITEMS, seed=17)
-            events = list(world.events(context + window * (repeats + 1)))
-            items = {it.item_id: it for it in world.items}
-            model_path = s.model.model_path or None
-            worker = KnowledgeTrainingWorker(s, items=world.items)
-            policy = RankingPolicy(PolicyConfig(), items, list(items))
-            fed = 0
+    with _bench_settings(settings, "driftrec-bench-update-policy-") as s:
+        window, context = s.trainer.window_events, s.trainer.context_events
+        world = World(n_users=POLICY_USERS, n_items=POLICY_ITEMS, seed=17)
+        events = list(world.events(context + window * (repeats + 1)))
+        items = {it.item_id: it for it in world.items}
+        model_path = s.model.model_path or None
+        worker = KnowledgeTrainingWorker(s, items=world.items)
+        policy = RankingPolicy(PolicyConfig(), items, list(items))
+        fed = 0
 
-            def follow(upto: int) -> None:  # the worker's ranking policy has seen the events so far
-                nonlocal fed
-                policy.follow_many([(e.user_id, e.item_id, None if getattr(e, "rating", None) is None
-                                     else float(e.rating), e.event_time) for e in events[fed:upto]])
-                fed = upto
+        def follow(upto: int) -> None:  # the worker's ranking policy has seen the events so far
+            nonlocal fed
+            policy.follow_many([(e.user_id, e.item_id, None if getattr(e, "rating", None) is None
+                                 else float(e.rating), e.event_time) for e in events[fed:upto]])
+            fed = upto
 
-            first_model_s = None
-            for r in range(repeats + 1):
-                lo = r * window
-                ctx, win = events[lo: lo + context], events[lo + context: lo + context + window]
-                follow(lo + context + window)
-                t0 = time.perf_counter()
-                result = worker.run_once(win, context=ctx, trigger="bench")
-                t1 = time.perf_counter()
-                served = None
-                if result.version:
-                    model = load_knowledge(worker.root / worker.domain / result.version, items, model_path)
-                    policy.set_model(model)
-                    user = events[lo + context + window - 1].user_id
-                    recs = policy.recommend(user, 10, events[lo + context + window - 1].event_time + 1)
-                    served = result.version if policy.model is model and len(recs) == 10 else None
-                t2 = time.perf_counter()
-                took = t2 - t0 if result.version and served == result.version else None
-                if r == 0:  # the first model of the process, from scratch: not an update
-                    first_model_s = took
-                    continue
-                row = {
-                    "adapter_update_s": took,
-                    "train_s": result.train_seconds,
-                    "gate_s": result.gate_seconds,
-                    "publish_s": (t1 - t0) - result.train_seconds - result.gate_seconds,
-                    "swap_s": t2 - t1,
-                    "epochs": (result.stats or {}).get("epochs"),
-                    "steps": (result.stats or {}).get("steps"),
-                    "interactions": result.examples,
-                    "holdout": result.holdout,
-                    "outcome": result.outcome,
-                    "version": result.version,
-                    "served": served,
-                    "users": POLICY_USERS,
-                    "items": POLICY_ITEMS,
-                    "window_events": window,
-                    "context_events": context,
-                    "watch_interval_s": s.ranking.model_watch_interval_s,
-                    "torch_threads": torch.get_num_threads(),
-                    "load_1m": os.getloadavg()[0],
-                }
-                if r == 1 and first_model_s is not None:  # once: the median of the rows that have it
-                    row["first_model_s"] = first_model_s
-                out.append(row)
-    finally:
-        torch.set_num_threads(threads_before)
+        first_model_s = None
+        for r in range(repeats + 1):
+            lo = r * window
+            ctx, win = events[lo: lo + context], events[lo + context: lo + context + window]
+            follow(lo + context + window)
+            t0 = time.perf_counter()
+            result = worker.run_once(win, context=ctx, trigger="bench")
+            t1 = time.perf_counter()
+            served = None
+            if result.version:
+                model = load_knowledge(worker.root / worker.domain / result.version, items, model_path)
+                policy.set_model(model)
+                user = events[lo + context + window - 1].user_id
+                recs = policy.recommend(user, 10, events[lo + context + window - 1].event_time + 1)
+                served = result.version if policy.model is model and len(recs) == 10 else None
+            t2 = time.perf_counter()
+            took = t2 - t0 if result.version and served == result.version else None
+            if r == 0:  # the first model of the process, from scratch: not an update
+                first_model_s = took
+                continue
+            row = {
+                "adapter_update_s": took,
+                "train_s": result.train_seconds,
+                "gate_s": result.gate_seconds,
+                "publish_s": (t1 - t0) - result.train_seconds - result.gate_seconds,
+                "swap_s": t2 - t1,
+                "epochs": (result.stats or {}).get("epochs"),
+                "steps": (result.stats or {}).get("steps"),
+                "interactions": result.examples,
+                "holdout": result.holdout,
+                "outcome": result.outcome,
+                "version": result.version,
+                "served": served,
+                "users": POLICY_USERS,
+                "items": POLICY_ITEMS,
+                "window_events": window,
+                "context_events": context,
+                "watch_interval_s": s.ranking.model_watch_interval_s,
+                "torch_threads": torch.get_num_threads(),
+                "load_1m": os.getloadavg()[0],
+            }
+            if r == 1 and first_model_s is not None:  # once: the median of the rows that have it
+                row["first_model_s"] = first_model_s
+            out.append(row)
     return out
 
 
@@ -158,13 +169,7 @@ def run_loop(settings, repeats: int = 3) -> list[dict[str, Any]]:
     from driftrec.model.training.worker import TrainingWorker
 
     out: list[dict[str, Any]] = []
-    threads_before = torch.get_num_threads()
-    if THREADS:
-        torch.set_num_threads(THREADS)
-    with tempfile.TemporaryDirectory(prefix="driftrec-bench-update-") as tmp:
-        s = settings.model_copy(deep=True)
-        s.model.adapter_dir = Path(tmp)
-        s.trainer.gate_tolerance = 1.0
+    with _bench_settings(settings, "driftrec-bench-update-") as s:
         world = World(n_users=USERS, n_items=ITEMS, seed=17)
         events = list(world.events(EVENTS * (repeats + 1)))
         model_path = s.model.model_path or None
@@ -180,9 +185,8 @@ def run_loop(settings, repeats: int = 3) -> list[dict[str, Any]]:
                 t0 = time.perf_counter()
                 result = worker.run_once(window, trigger="bench")
                 t1 = time.perf_counter()
-                ok = []
                 for ann in result.announcements:
-                    ok.append(asyncio.run(scorer.on_announcement(ann)))
+                    asyncio.run(scorer.on_announcement(ann))
                 served = scorer.version_info().adapter_version
                 t2 = time.perf_counter()
                 out.append({
@@ -205,7 +209,6 @@ def run_loop(settings, repeats: int = 3) -> list[dict[str, Any]]:
                 })
         finally:
             scorer.close()
-            torch.set_num_threads(threads_before)
     return out
 
 
