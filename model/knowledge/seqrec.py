@@ -24,6 +24,7 @@ model is SASRec (:mod:`driftrec.model.evaluation.sasrec`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import logging
@@ -422,6 +423,21 @@ def kg_triples(kg, item_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray, int
     return triples, item_entity, len(ents), max(len(rels), 1), by_item
 
 
+@contextlib.contextmanager
+def _own_rng(trainer: "KnowledgeTrainer"):
+    """Run a fit on ``trainer``'s own random stream: the global CPU generator (and the GPU's, on one) is
+    set to the trainer's state for the fit and put back afterwards."""
+    cuda = [trainer.device.index or 0] if trainer.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.set_rng_state(trainer._torch_rng)
+        if cuda:  # the GPU's stream follows the trainer's CPU stream
+            torch.cuda.manual_seed(int(torch.randint(2**62, (1,))))
+        try:
+            yield
+        finally:
+            trainer._torch_rng = torch.get_rng_state()
+
+
 class KnowledgeTrainer:
     """Trains the knowledge model over interaction histories, warm-starting every fit from the last
     (weights and optimiser state), and hands out scoring snapshots (:meth:`model`)."""
@@ -459,6 +475,10 @@ class KnowledgeTrainer:
         self.fits = 0
         self.steps = 0
         self._model: KnowledgeModel | None = None
+        # this trainer's own random stream (dropout, id dropout): its fits draw the same numbers whatever
+        # other models train in the same process in between (the evaluation's arms fit one after another
+        # on the global generator, so an ablation or a baseline changed the full system's training)
+        self._torch_rng = torch.Generator().manual_seed(seed).get_state()
 
     # -- data
     def _windows(self, histories) -> list[tuple[list[int], list[int]]]:
@@ -515,6 +535,17 @@ class KnowledgeTrainer:
         net.items.id_known.copy_(torch.as_tensor(counts, device=self.device))
         wins = self._windows(histories)
         epochs = self.cfg.init_epochs if initial or self.fits == 0 else self.cfg.epochs
+        with _own_rng(self):
+            stats = self._train(net, wins, epochs)
+        net.eval()
+        self.fits += 1
+        self.steps += stats["steps"]
+        self._model = KnowledgeModel(copy.deepcopy(net).cpu(), self.item_ids, self.texts, f"{self.name}-{self.fits}",
+                                     item_entity=self.item_entity, model_path=self.model_path)
+        return {"fit": self.fits, "epochs": epochs, "windows": len(wins), **stats,
+                "seconds": time.perf_counter() - t0}
+
+    def _train(self, net: SeqRecNet, wins, epochs: int) -> dict:
         net.train()
         total = kg_total = 0.0
         nb = 0
@@ -534,14 +565,8 @@ class KnowledgeTrainer:
                 self.opt.step()
                 total += float(loss.detach())
                 nb += 1
-        net.eval()
-        self.fits += 1
-        self.steps += nb
-        self._model = KnowledgeModel(copy.deepcopy(net).cpu(), self.item_ids, self.texts, f"{self.name}-{self.fits}",
-                                     item_entity=self.item_entity, model_path=self.model_path)
-        return {"fit": self.fits, "epochs": epochs, "windows": len(wins), "steps": nb, "loss": total / max(nb, 1),
-                "kg_loss": kg_total / max(nb, 1) if self.transe is not None else None,
-                "seconds": time.perf_counter() - t0}
+        return {"steps": nb, "loss": total / max(nb, 1),
+                "kg_loss": kg_total / max(nb, 1) if self.transe is not None else None}
 
     def model(self) -> KnowledgeModel | None:
         return self._model
