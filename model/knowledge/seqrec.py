@@ -162,11 +162,14 @@ class ItemRepresentation(nn.Module):
         return out
 
     def forward(self) -> torch.Tensor:
-        w = self.id_emb.weight
+        # An item with no interaction in the training histories has no id part, in training as in serving:
+        # the rows the model learns against (every item is a negative of the full softmax) are the rows it
+        # serves. Masking in serving only (the design until 2026-12-08) trained those id rows as negatives -
+        # "nobody picks this" - then dropped them, so the bare content rows of never-chosen items took 2-3
+        # of every top 10 and the model ranked below SASRec (docs/knowledge_model.md, "Train/serve skew").
+        w = self.id_emb.weight * self.id_known.float().unsqueeze(-1)
         if self.training and self.id_dropout > 0:
             w = w * (torch.rand(self.n_items, 1, device=w.device) >= self.id_dropout).float()
-        elif not self.training:
-            w = w * self.id_known.float().unsqueeze(-1)
         parts = w + self.content(getattr(self, "text", None), getattr(self, "item_entity", None),
                                  getattr(self, "linked", None))
         return self.ln(parts)
